@@ -1,0 +1,100 @@
+"""What a finished run leaves in its directory: the trained adapter, summary.json and loss.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+
+from qfsdp.distributed import Dist, all_gather_object
+from qfsdp.metrics import memory_stats, peak_gib
+from qfsdp.rundir import SUMMARY
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies of the trainable (LoRA) parameters, under the model's own names.
+
+    Collective: every rank calls it. Only the adapter is gathered, never the 4-bit base weights.
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def save_trained_weights(model: nn.Module, run_dir: Path, d: Dist, adapter: bool) -> str:
+    """Save the LoRA adapter (PEFT format, `adapter/`) or, for full fine-tuning, the whole model (`model/`)."""
+    if adapter:
+        state = lora_state_dict(model)
+        if d.is_main:
+            model.save_pretrained(run_dir / "adapter", state_dict=state)
+    else:
+        # transformers gathers a sharded model itself (a collective: every rank calls it) and rank 0 writes.
+        model.save_pretrained(run_dir / "model")
+    if dist.is_initialized():
+        dist.barrier()
+    return "adapter" if adapter else "model"
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def build_summary(cfg: DictConfig, callback, d: Dist, *, quantized_bytes_per_rank: list[int], load_memory: dict,
+                  wall_time_s: float, output: str) -> dict:
+    mem = memory_stats(d.device)
+    mems = all_gather_object(mem) if d.world_size > 1 else [mem]
+    loads = all_gather_object(load_memory) if d.world_size > 1 else [load_memory]
+    rows = callback.rows
+    return {
+        "status": "ok",
+        "world_size": d.world_size,
+        "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+        "steps": rows[-1]["step"] if rows else 0,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "losses": [r["loss"] for r in rows],
+        "tokens_per_second": callback.steady_tokens_per_second(),
+        "peak_memory_gib": [peak_gib(m) for m in mems],
+        "memory": mems,
+        "load_memory": loads,
+        "quantized_bytes_per_rank": quantized_bytes_per_rank,
+        "wall_time_s": wall_time_s,
+        "output": output,
+        "versions": versions(),
+    }
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    # Written last: its presence marks the run finished (see rundir.py).
+    tmp = run_dir / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.rename(run_dir / SUMMARY)
+
+
+def plot_loss(run_dir: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""Typed configuration: one dataclass per concern, registered in Hydra's ConfigStore.
+
+The YAML files under `conf/` extend these schemas (each names its schema in its defaults list), so a misspelled key
+or a value of the wrong type fails when Hydra composes the config, naming the key, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" builds a small random Llama locally (cached); anything else is a hub id or a local directory.
+    path: str = "tiny"
+    # Build the architecture from its config with random weights: no weight download (benchmarks, offline hosts).
+    random_init: bool = False
+    # Architecture config bundled with qfsdp (qfsdp/architectures/<name>.json): with random_init it replaces the
+    # path's own config, so random-weight runs need no hub access.
+    architecture: Optional[str] = None
+    # Tokenizer: null = the model path's own; "tiny" = the locally built one (fine for random-weight models).
+    tokenizer: Optional[str] = None
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantConfig:
+    enabled: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # Storage dtype of the packed 4-bit bytes. uint8 is gathered byte-exact by FSDP2; bfloat16 matches checkpoints
+    # saved by the accelerate recipe.
+    storage: str = "uint8"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # PEFT's own names; "all-linear" = every attention and MLP projection (not the output head).
+    target_modules: Any = "all-linear"
+    bias: str = "none"
+
+
+@dataclass
+class FSDP2Config:
+    enabled: bool = True
+    # Free each layer's gathered weights after its forward (less memory, one more all-gather in backward).
+    reshard_after_forward: bool = True
+    # Keep sharded parameters, gradients and optimizer state in CPU memory.
+    offload: bool = False
+    # Recompute each decoder layer's activations in backward (much less memory, ~1/3 more compute).
+    activation_checkpointing: bool = True
+
+
+@dataclass
+class PrecisionConfig:
+    # Compute dtype: parameters are gathered in it; gradients are reduced in float32; LoRA weights stay float32.
+    dtype: str = "bfloat16"
+    # fp16 only: scale the loss so small gradients survive float16.
+    loss_scaling: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "sample"
+    # Hub id, local file or directory (jsonl/oig_chip2); unused for sample and synthetic.
+    path: Optional[str] = None
+    data_files: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    # Keep at most this many examples (null = all).
+    max_samples: Optional[int] = None
+    # synthetic only: number of sequences and their length in tokens.
+    num_samples: int = 256
+    seq_length: int = 128
+
+
+@dataclass
+class TrainerConfig:
+    """`SFTConfig` fields under their own names, plus `global_batch_size` (sequences per optimizer step)."""
+
+    global_batch_size: int = 8
+    per_device_train_batch_size: int = 2
+    max_steps: int = 30
+    num_train_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim: str = "adamw_torch"
+    logging_steps: int = 1
+    max_length: Optional[int] = 256
+    packing: bool = False
+    dataloader_num_workers: int = 0
+    report_to: List[str] = field(default_factory=lambda: ["none"])
+    disable_tqdm: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    lora: LoraConfig = MISSING
+    fsdp2: FSDP2Config = MISSING
+    precision: PrecisionConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Compile each decoder layer with torch.compile (slower start, faster steps).
+    compile: bool = False
+    seed: int = 42
+    # Processes (GPUs, or CPU processes when there is no GPU). null = every visible GPU, or 1 without GPUs.
+    world_size: Optional[int] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="qfsdp_config", node=Config)
+    for group, schema in [
+        ("model", ModelConfig),
+        ("quant", QuantConfig),
+        ("lora", LoraConfig),
+        ("fsdp2", FSDP2Config),
+        ("precision", PrecisionConfig),
+        ("dataset", DatasetConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+

@@ -1,0 +1,104 @@
+"""The Hydra job: validate, then train, either in this process (already under torchrun) or by starting
+`torch.distributed.run` with the job's own process count (plain `python launch.py`, and every job of a sweep).
+
+Driver and workers share one run directory; the workers read the config the driver composed from `.hydra/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from qfsdp.distributed import under_torchrun
+from qfsdp.rundir import SUMMARY, finished_run_error, is_finished, write_status
+from qfsdp.validate import ConfigError, Machine, validate
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def run_job(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    torchrun_world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun() else None
+    if multirun and torchrun_world_size is not None:
+        # Not one job's problem: the whole command is wrong, so stop the sweep here.
+        print("qfsdp: error: a sweep (-m) cannot run inside torchrun; run `python launch.py -m ...` and qfsdp "
+              "starts torchrun for each job with its own world_size", file=sys.stderr, flush=True)
+        sys.exit(2)
+    try:
+        if is_finished(run_dir):
+            raise ConfigError(finished_run_error(run_dir))
+        world_size = validate(cfg, Machine.detect(), torchrun_world_size)
+        start = time.perf_counter()
+        if torchrun_world_size is not None:
+            _train_here(cfg, run_dir, start)
+        _start_workers(run_dir, world_size)
+        _report(run_dir, time.perf_counter() - start)
+    except (ConfigError, JobFailed) as e:
+        print(f"qfsdp: error: {e}", file=sys.stderr, flush=True)
+        if multirun:
+            write_status(run_dir, "failed", str(e))  # the sweep records it and goes on
+            return
+        if isinstance(e, ConfigError):
+            _remove_if_empty(run_dir)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+def _train_here(cfg: DictConfig, run_dir: Path, start: float) -> None:
+    """Under torchrun: this process is one rank. Train, report from rank 0, and end the process."""
+    from qfsdp.distributed import shutdown_and_exit
+    from qfsdp.worker import execute, record_error
+
+    try:
+        execute(cfg, run_dir)
+    except ConfigError:
+        raise
+    except Exception as e:
+        record_error(run_dir, e)
+        raise
+    if os.environ.get("RANK", "0") == "0":
+        _report(run_dir, time.perf_counter() - start)
+    shutdown_and_exit(0)
+
+
+def _start_workers(run_dir: Path, world_size: int) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+        # rank 0 alone talks to the console; a failing rank's error is collected below
+        "--local-ranks-filter=0", "-m", "qfsdp.worker", str(run_dir),
+    ]
+    for stale in run_dir.glob("error-rank*.txt"):
+        stale.unlink()
+    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        errors = sorted(run_dir.glob("error-rank*.txt"))
+        detail = errors[0].read_text().strip() if errors else f"workers exited with code {result.returncode}"
+        raise JobFailed(detail)
+
+
+def _report(run_dir: Path, seconds: float) -> None:
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    print(
+        f"qfsdp: finished {summary['steps']} steps on {summary['world_size']} process(es) in {seconds:.0f}s, "
+        f"final loss {summary['final_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s.\n"
+        f"qfsdp: results in {run_dir}/ (metrics.jsonl, summary.json, loss.png, {summary['output']}/)",
+        flush=True,
+    )
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run stopped by bad input leaves nothing behind (only what Hydra wrote at start is removed)."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{HydraConfig.get().job.name}.log"}:
+        shutil.rmtree(run_dir)

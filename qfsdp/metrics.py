@@ -1,0 +1,88 @@
+"""Per-step metrics: loss, learning rate, grad norm, tokens/s and peak memory of every rank -> metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from qfsdp.distributed import Dist, all_gather_object
+
+GIB = 2**30
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_stats(device: torch.device) -> dict:
+    """Peak memory of this process in GiB: GPU allocated/reserved on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+        }
+    # ru_maxrss is in KiB on Linux; the CPU "device" memory is the process' peak RSS.
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def peak_gib(stats: dict) -> float:
+    return stats.get("peak_allocated_gib", stats.get("peak_rss_gib", 0.0))
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends one JSON object per logged optimizer step to `run_dir/metrics.jsonl` (rank 0 only).
+
+    `on_log` runs on every rank the same number of times, so gathering each rank's memory there is safe.
+    """
+
+    def __init__(self, run_dir: Path | None, d: Dist, time_origin: float):
+        self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
+        self.d = d
+        self.rows: list[dict] = []
+        self.train_start: float | None = None
+        self.time_origin = time_origin
+        self._last = None  # (time, tokens) at the previous log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_start = time.perf_counter()
+        self._last = (self.train_start, 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        mem = memory_stats(self.d.device)
+        mems = all_gather_object(mem) if self.d.world_size > 1 else [mem]
+        if "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), int(state.num_input_tokens_seen)
+        last_time, last_tokens = self._last
+        self._last = (now, tokens)
+        row = {
+            "step": state.global_step,
+            "loss": float(logs["loss"]),
+            "learning_rate": float(logs.get("learning_rate", 0.0)),
+            "grad_norm": float(logs.get("grad_norm", float("nan"))),
+            "tokens": tokens,
+            "tokens_per_second": (tokens - last_tokens) / max(now - last_time, 1e-9),
+            "peak_memory_gib": [peak_gib(m) for m in mems],
+            "elapsed_s": now - self.time_origin,
+        }
+        self.rows.append(row)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def steady_tokens_per_second(self, warmup: int = 1) -> float:
+        """Tokens/s over all logged steps after the first `warmup` (compile and allocator warm-up excluded)."""
+        if self.train_start is None or not self.rows:
+            return 0.0
+        rows = self.rows[warmup:] if len(self.rows) > warmup else self.rows
+        first = self.rows[warmup - 1] if len(self.rows) > warmup and warmup > 0 else None
+        t0, n0 = (first["elapsed_s"], first["tokens"]) if first else (self.train_start - self.time_origin, 0)
+        dt = rows[-1]["elapsed_s"] - t0
+        return (rows[-1]["tokens"] - n0) / dt if dt > 0 else 0.0

@@ -1,0 +1,159 @@
+"""Packed 4-bit bitsandbytes weights that FSDP2 can shard and gather exactly.
+
+`fully_shard` turns a bitsandbytes `Params4bit` into a plain DTensor: the packed bytes are sharded, but the
+`quant_state` (absmax, code table, original shape) is dropped from the parameter, and bitsandbytes only keeps
+working because `Linear4bit.forward` re-attaches the module's copy. `NF4Weight` is a small tensor subclass that
+holds the packed bytes *and* their quant state, and implements FSDP2's all-gather extension points:
+
+- `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the packed bytes, always as uint8 (byte-exact, whatever
+  the storage dtype: FSDP2 never casts the packed data, and NaN bit patterns in float storage cannot be touched);
+- `fsdp_post_all_gather` wraps the gathered bytes in a new `NF4Weight` carrying the same quant state, so the
+  weight used for compute is bit-identical to the unsharded one and `Linear4bit.forward` finds its quant state.
+
+Every other op on an `NF4Weight` runs on the packed bytes. Ops that only move, view or copy bytes (the ones FSDP2
+uses to chunk, pad and offload a parameter) return an `NF4Weight` again; anything else (bitsandbytes' dequantize
+and matmul kernels) receives the plain bytes and returns plain tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.functional import QuantState
+from torch import nn
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+
+# Ops that keep the bytes' meaning: their result is still (part of) the packed weight.
+_BYTE_PRESERVING_OPS = {
+    aten.detach.default,
+    aten.alias.default,
+    aten.clone.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.as_strided.default,
+    aten.slice.Tensor,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.narrow.default,
+    aten.t.default,
+    aten.new_zeros.default,
+    aten.new_empty.default,
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten._to_copy.default,
+    aten.copy_.default,
+    aten.cat.default,
+    aten.constant_pad_nd.default,
+}
+
+
+class NF4Weight(torch.Tensor):
+    """Packed 4-bit weight bytes plus the bitsandbytes `QuantState` that gives them meaning."""
+
+    packed: torch.Tensor
+    quant_state: QuantState
+
+    @staticmethod
+    def __new__(cls, packed: torch.Tensor, quant_state: QuantState):
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            packed.shape,
+            strides=packed.stride(),
+            storage_offset=packed.storage_offset(),
+            dtype=packed.dtype,
+            device=packed.device,
+            requires_grad=False,
+        )
+
+    def __init__(self, packed: torch.Tensor, quant_state: QuantState):
+        self.packed = packed
+        self.quant_state = quant_state
+
+    def __repr__(self) -> str:
+        return f"NF4Weight(shape={tuple(self.quant_state.shape)}, packed={tuple(self.packed.shape)}, {self.dtype})"
+
+    # torch.compile: the quant state is constant metadata, the packed bytes the only traced tensor.
+    def __tensor_flatten__(self):
+        return ["packed"], self.quant_state
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, quant_state, outer_size, outer_stride):
+        return NF4Weight(inner_tensors["packed"], quant_state)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        quant_state = next(a.quant_state for a in _flat(args, kwargs) if isinstance(a, NF4Weight))
+
+        def unwrap(x):
+            return x.packed if isinstance(x, NF4Weight) else x
+
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        if func is aten.copy_.default:
+            return args[0]  # in place into the destination's bytes
+        if func not in _BYTE_PRESERVING_OPS:
+            return out
+
+        def wrap(x):
+            return NF4Weight(x, quant_state) if isinstance(x, torch.Tensor) else x
+
+        return tree_map(wrap, out)
+
+    # -- FSDP2 extension points -------------------------------------------------------------------------------
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        # With uneven sharding FSDP2 expects every rank's input padded to the first (largest) shard's size.
+        padded_rows = math.ceil(outer_size[0] / mesh.size())
+        local = self.packed
+        if local.size(0) < padded_rows:
+            pad = local.new_zeros((padded_rows - local.size(0), *local.shape[1:]))
+            local = torch.cat([local, pad])
+        return (local.contiguous().view(torch.uint8),), (self.packed.dtype,)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        (gathered,) = all_gather_outputs
+        (storage_dtype,) = metadata
+        if out is not None:
+            # FSDP2 re-gathers into the same buffer `out` already views; nothing to rebuild.
+            return
+        packed = gathered.view(storage_dtype)
+        return NF4Weight(packed, self.quant_state), (gathered,)
+
+
+def _flat(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+def to_nf4_weight(module: bnb.nn.Linear4bit) -> None:
+    """Replace a quantized `Linear4bit`'s `Params4bit` by an `NF4Weight` parameter, in place."""
+    weight = module.weight
+    if isinstance(weight, nn.Parameter) and isinstance(weight.data, NF4Weight):
+        return
+    if getattr(weight, "quant_state", None) is None:
+        raise ValueError(f"{module} holds no quantized weight (no quant_state); quantize before sharding")
+    module.weight = nn.Parameter(NF4Weight(weight.data, weight.quant_state), requires_grad=False)
+    # Keep bitsandbytes' CPU path on the portable kernels: its AVX512-BF16 path repacks the weight in place during
+    # the first no-grad eval forward, after which training silently computes wrong LoRA gradients.
+    module.support_avx512bf16_for_cpu = False
+
+
+def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """The packed 4-bit bytes held by this rank, as uint8 (works on plain, NF4Weight and DTensor weights)."""
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    local = local.packed if isinstance(local, NF4Weight) else local
+    return local.detach().contiguous().view(torch.uint8)
+
+
+def dequantize(weight: torch.Tensor, quant_state: Any = None) -> torch.Tensor:
+    """Dequantize a full (unsharded) packed weight; used by tests and adapter merging."""
+    qs = quant_state or weight.quant_state
+    data = weight.packed if isinstance(weight, NF4Weight) else weight
+    return bnb.functional.dequantize_4bit(data.view(-1, 1).contiguous(), qs)

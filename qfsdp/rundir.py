@@ -1,0 +1,80 @@
+"""Run-directory layout and the rules that keep it sane under torchrun and sweeps.
+
+- All ranks of a torchrun job compose the config themselves, so the run directory must not depend on when each
+  rank started: `${qfsdp_now:FORMAT}` is the start time of the torchrun agent (the ranks' common parent), and the
+  current time otherwise.
+- Only rank 0 writes `.hydra/` and the log file (`${qfsdp_output_subdir:}`, `${qfsdp_log_file:}`), so ranks
+  never garble them.
+- A directory holding `summary.json` holds a finished run: nothing is written there again (not even `.hydra/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from qfsdp.distributed import env_rank, under_torchrun
+
+SUMMARY = "summary.json"
+STATUS = "status.json"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / SUMMARY).exists()
+
+
+def finished_run_error(run_dir: Path) -> str:
+    return (f"{run_dir} holds a finished run (it has {SUMMARY}); qfsdp never overwrites one: "
+            f"choose another directory with hydra.run.dir=... (or hydra.sweep.dir=... for a sweep)")
+
+
+def _process_start_time(pid: int) -> float:
+    """Wall-clock start time of a process, from /proc (Linux)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+_START = time.time()
+
+
+def _now(fmt: str) -> str:
+    stamp = _START
+    if under_torchrun():
+        try:
+            stamp = _process_start_time(os.getppid())
+        except (OSError, ValueError, IndexError):
+            pass
+    return datetime.fromtimestamp(stamp).strftime(fmt)
+
+
+def _output_subdir(*, _root_) -> str | None:
+    if env_rank() != 0:
+        return None
+    if is_finished(Path(_root_.hydra.runtime.output_dir)):
+        return None  # the job itself then stops with finished_run_error
+    return ".hydra"
+
+
+def _log_file(*, _root_) -> str:
+    run_dir = Path(_root_.hydra.runtime.output_dir)
+    if env_rank() != 0 or is_finished(run_dir):
+        return os.devnull
+    return str(run_dir / f"{_root_.hydra.job.name}.log")
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("qfsdp_now", _now, replace=True)
+    OmegaConf.register_new_resolver("qfsdp_output_subdir", _output_subdir, replace=True)
+    OmegaConf.register_new_resolver("qfsdp_log_file", _log_file, replace=True)
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    """Record a job that did not finish (failed), so a sweep keeps the reason next to the job."""
+    (Path(run_dir) / STATUS).write_text(json.dumps({"status": status, "error": error}) + "\n")

@@ -1,0 +1,106 @@
+"""Tiny random-weight models and a tokenizer, built locally without any download and cached on disk.
+
+They go through the same `from_pretrained` path as real checkpoints (4-bit quantization included), so the demo and
+the tests exercise the real loading code on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qfsdp.data import SAMPLE_PATH
+
+# Bump when the recipe below changes, so stale caches are rebuilt.
+_VERSION = 1
+_VOCAB = 512
+
+TINY_ARCHITECTURES = {
+    "tiny": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
+    "tiny_qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QFSDP_CACHE", Path.home() / ".cache" / "qfsdp"))
+
+
+def tiny_tokenizer_path() -> Path:
+    path = cache_dir() / f"tokenizer-v{_VERSION}"
+    if not (path / "tokenizer.json").exists():
+        _atomic_build(path, _build_tokenizer)
+    return path
+
+
+def tiny_model_path(name: str) -> Path:
+    """Directory of the cached tiny model `name` (one of TINY_ARCHITECTURES), built on first use."""
+    path = cache_dir() / f"{name}-v{_VERSION}"
+    if not (path / "config.json").exists():
+        _atomic_build(path, lambda out: _build_model(name, out))
+    return path
+
+
+def _atomic_build(path: Path, build) -> None:
+    # Several processes may ask at once (every torchrun rank): each builds aside, the first rename wins.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # transformers' save_pretrained writes nothing on ranks other than 0 once a process group exists.
+        raise RuntimeError(f"{path} is not built yet: call qfsdp.model.prepare_checkpoint before init_process_group")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in SAMPLE_PATH.read_text().splitlines() if line.strip()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        model_max_length=2048,
+    )
+    fast.save_pretrained(out)
+
+
+def _build_model(name: str, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path())
+    spec = dict(TINY_ARCHITECTURES[name])
+    config = AutoConfig.for_model(
+        spec.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

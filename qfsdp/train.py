@@ -1,0 +1,132 @@
+"""One training run on every rank: load, attach LoRA, shard, train with TRL's SFTTrainer, save.
+
+Model setup, in order:
+1. load the base model onto this rank's device (4-bit NF4 when quant is on);
+2. attach LoRA with the same seed on every rank, and check the init is identical;
+3. build the SFTTrainer (it tokenizes the data), then keep LoRA weights float32;
+4. parallelize: NF4Weight, activation checkpointing, per-layer compile, fully_shard per layer and root;
+5. train; rank 0 writes metrics, the adapter, summary.json and loss.png.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qfsdp import artifacts
+from qfsdp.distributed import Dist, check_trainable_same_on_all_ranks
+from qfsdp.model import attach_lora, load_model, load_tokenizer, make_trainable_fp32
+from qfsdp.shard import parallelize, quantized_bytes
+
+
+def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={global_batch} is not a multiple of per_device_train_batch_size * world_size "
+            f"= {micro_batch} * {world_size} = {per_step}; pick a global batch divisible by {per_step}"
+        )
+    return global_batch // per_step
+
+
+def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
+    from trl import SFTConfig
+
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    global_batch = t.pop("global_batch_size")
+    ga = gradient_accumulation_steps(global_batch, t["per_device_train_batch_size"], world_size)
+    return SFTConfig(
+        output_dir=str(run_dir / "trainer"),
+        gradient_accumulation_steps=ga,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # Precision is FSDP2's mixed-precision policy (see shard.py), not autocast: gathered weights are cast once
+        # per layer. fp16 adds the loss scaler.
+        bf16=False,
+        fp16=bool(cfg.precision.loss_scaling),
+        # Activation checkpointing is applied in shard.py, before sharding. (None: TRL's default would turn the
+        # deprecated alias on.)
+        activation_checkpointing=False,
+        gradient_checkpointing=None,
+        save_strategy="no",
+        logging_strategy="steps",
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=use_cpu,
+        dataset_text_field="text",
+        **t,
+    )
+
+
+def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.nn.Module]:
+    """Train on this rank; return the run summary and the trained (still sharded) model."""
+    from trl import SFTTrainer
+
+    from qfsdp.data import load_train_dataset
+    from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    dtype = getattr(torch, cfg.precision.dtype)
+    full_finetune = not cfg.lora.enabled
+
+    tokenizer = load_tokenizer(cfg.model)
+    reset_peak_memory(d.device)
+    model = load_model(cfg.model, cfg.quant, dtype, d.device, full_finetune=full_finetune)
+    load_memory = memory_stats(d.device)
+    if cfg.lora.enabled:
+        model = attach_lora(model, cfg.lora, cfg.seed)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if d.world_size > 1:
+        check_trainable_same_on_all_ranks(model)
+
+    dataset = load_train_dataset(cfg.dataset, model.config.vocab_size, cfg.seed)
+    args = sft_config(cfg, run_dir, d.world_size, use_cpu=d.device.type == "cpu")
+    mesh = None
+    if cfg.fsdp2.enabled:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(d.device.type, (d.world_size,), mesh_dim_names=("fsdp",))
+        hand_sharded_model_to_trainer(model, d.world_size)
+    callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[callback])
+    make_trainable_fp32(model)
+    parallelize(
+        model, mesh, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
+        compile=cfg.compile, reshard_after_forward=cfg.fsdp2.reshard_after_forward, cpu_offload=cfg.fsdp2.offload,
+    )
+    from qfsdp.distributed import all_gather_object
+
+    qbytes = all_gather_object(quantized_bytes(model)) if d.world_size > 1 else [quantized_bytes(model)]
+    reset_peak_memory(d.device)
+    trainer.train()
+
+    output = artifacts.save_trained_weights(model, run_dir, d, adapter=cfg.lora.enabled)
+    summary = artifacts.build_summary(
+        cfg, callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory,
+        wall_time_s=time.perf_counter() - start, output=output,
+    )
+    if d.is_main:
+        artifacts.plot_loss(run_dir, callback.rows)
+        artifacts.write_summary(run_dir, summary)
+    return summary, model
+
+
+def hand_sharded_model_to_trainer(model: torch.nn.Module, world_size: int) -> None:
+    """Tell transformers' Trainer that this model shards itself with FSDP2, so it must not wrap it in DDP.
+
+    Trainer (transformers >= 5.23) has a code path for models sharded with FSDP2 before it sees them (its own
+    `from_pretrained(distributed_config=...)`): it skips Accelerate's DDP/FSDP wrapping, defers FSDP2 gradient
+    reduction during accumulation, and gathers collectively on save. It keys that path on two attributes of the
+    model; setting them is the one private hook qfsdp relies on (pinned by tests/test_trainer_hook.py).
+    """
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.distributed_config = DistributedConfig(fsdp_size=world_size, dp_replicate_size=1)
+    base._is_distributed_loading_by_transformers = True

@@ -1,0 +1,172 @@
+"""Checks that run before any weights are loaded, each failing with one line naming the problem and the fix.
+
+Hydra and the typed schemas already reject unknown options, misspelled keys and wrong types at compose time; these
+are the checks that need the machine (GPUs) or the file system.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from qfsdp.tiny import TINY_ARCHITECTURES
+
+DTYPES = ("float32", "bfloat16", "float16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ConfigError(ValueError):
+    """A bad input, reported as one line before any work starts."""
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the checks need to know about this machine (passed in, so tests can describe a GPU host)."""
+
+    gpus: int
+    bf16_supported: bool = True
+
+    @classmethod
+    def detect(cls) -> "Machine":
+        import torch
+
+        # device_count() does not create a CUDA context; bf16 support is checked again on the GPU in the worker.
+        return cls(gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def resolve_world_size(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None) -> int:
+    if torchrun_world_size is not None:
+        if cfg.world_size is not None and cfg.world_size != torchrun_world_size:
+            raise ConfigError(
+                f"world_size={cfg.world_size} but torchrun started {torchrun_world_size} processes; "
+                f"drop world_size= or make it match --nproc_per_node x --nnodes"
+            )
+        return torchrun_world_size
+    if cfg.world_size is None:
+        return max(machine.gpus, 1)
+    if cfg.world_size < 1:
+        raise ConfigError(f"world_size={cfg.world_size} must be at least 1")
+    if machine.gpus and cfg.world_size > machine.gpus:
+        raise ConfigError(
+            f"world_size={cfg.world_size} but only {machine.gpus} GPU(s) are visible; "
+            f"use world_size={machine.gpus} or fewer (or set CUDA_VISIBLE_DEVICES)"
+        )
+    return cfg.world_size
+
+
+def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None = None) -> int:
+    """Run every pre-load check; return the world size the job will use."""
+    world_size = resolve_world_size(cfg, machine, torchrun_world_size)
+    _check_precision(cfg, machine)
+    _check_parallelism(cfg, world_size)
+    _check_batch(cfg, world_size)
+    _check_model_path(cfg)
+    _check_dataset(cfg)
+    _check_lora_targets(cfg)
+    return world_size
+
+
+def check_precision_on_device(dtype: str) -> None:
+    """On the GPU itself (worker side): bf16 needs hardware support."""
+    import torch
+
+    if dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(_bf16_message(torch.cuda.get_device_name()))
+
+
+def _bf16_message(gpu: str) -> str:
+    return f"precision=bf16 but this GPU ({gpu}) has no bfloat16 support; use precision=fp16"
+
+
+def _check_precision(cfg: DictConfig, machine: Machine) -> None:
+    if cfg.precision.dtype not in DTYPES:
+        raise ConfigError(f"precision.dtype={cfg.precision.dtype} is not one of {', '.join(DTYPES)}")
+    if cfg.precision.dtype == "bfloat16" and machine.gpus and not machine.bf16_supported:
+        raise ConfigError(_bf16_message("visible GPU"))
+    if cfg.precision.loss_scaling and cfg.precision.dtype != "float16":
+        raise ConfigError("precision.loss_scaling=true only applies to float16; use precision=fp16")
+
+
+def _check_parallelism(cfg: DictConfig, world_size: int) -> None:
+    if not cfg.fsdp2.enabled and world_size > 1:
+        raise ConfigError(f"fsdp2=off runs one unsharded process but world_size={world_size}; "
+                          f"use world_size=1, or fsdp2=default to shard")
+    if cfg.quant.enabled and not cfg.lora.enabled:
+        raise ConfigError("lora=none (full fine-tuning) cannot train 4-bit weights; add quant=none")
+
+
+def _check_batch(cfg: DictConfig, world_size: int) -> None:
+    from qfsdp.train import gradient_accumulation_steps
+
+    t = cfg.trainer
+    for key in ("global_batch_size", "per_device_train_batch_size", "max_steps"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be at least 1")
+    try:
+        gradient_accumulation_steps(t.global_batch_size, t.per_device_train_batch_size, world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _is_local_path(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.sep in path and not _HUB_ID.match(path)
+
+
+def _check_model_path(cfg: DictConfig) -> None:
+    path = cfg.model.path
+    if path in TINY_ARCHITECTURES:
+        return
+    if Path(path).expanduser().exists():
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise ConfigError(f"model.path={path} has no config.json; point it at a Hugging Face model directory")
+        return
+    if _is_local_path(path) or not _HUB_ID.match(path):
+        raise ConfigError(
+            f"model.path={path} does not exist; give an existing model directory or a hub id such as "
+            f"unsloth/Meta-Llama-3.1-8B"
+        )
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    from qfsdp.data import DatasetError, check_jsonl
+
+    ds = cfg.dataset
+    local = ds.path is not None and (_is_local_path(ds.path) or Path(ds.path).expanduser().exists())
+    if ds.name == "jsonl" or (ds.name == "oig_chip2" and local):
+        try:
+            check_jsonl(ds.path, ds.text_field)
+        except DatasetError as e:
+            raise ConfigError(str(e)) from None
+    if ds.name == "synthetic" and (ds.seq_length < 2 or ds.num_samples < 1):
+        raise ConfigError("dataset=synthetic needs dataset.seq_length >= 2 and dataset.num_samples >= 1")
+
+
+def _check_lora_targets(cfg: DictConfig) -> None:
+    """Attach the LoRA config to a weightless (meta-device) copy of the model: PEFT itself says if nothing matches."""
+    if not cfg.lora.enabled:
+        return
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qfsdp.model import load_config, peft_lora_config
+
+    try:
+        config = load_config(cfg.model)
+    except OSError:
+        return  # no config reachable yet (hub id offline): loading reports it
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        get_peft_model(model, peft_lora_config(cfg.lora))
+    except ValueError as e:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"lora.target_modules={list(cfg.lora.target_modules) if not isinstance(cfg.lora.target_modules, str) else cfg.lora.target_modules} "
+            f"matches no module of {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
+            f"its linear modules are: {', '.join(linear)}"
+        ) from None

@@ -1,0 +1,59 @@
+"""Worker entry point, one per rank: `python -m torch.distributed.run ... -m qfsdp.worker RUN_DIR`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The config the driver composed, checked again against the typed schema."""
+    from qfsdp.config import Config
+
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    return OmegaConf.merge(OmegaConf.structured(Config), saved)
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> None:
+    """Train on this rank. Every rank must have composed the same config."""
+    import torch
+
+    from qfsdp.distributed import check_same_on_all_ranks, init_distributed
+    from qfsdp.model import load_tokenizer, prepare_checkpoint
+    from qfsdp.train import run_training
+    from qfsdp.validate import check_precision_on_device
+
+    check_precision_on_device(cfg.precision.dtype)
+    prepare_checkpoint(cfg.model, getattr(torch, cfg.precision.dtype), full_finetune=not cfg.lora.enabled)
+    load_tokenizer(cfg.model)  # builds the tiny tokenizer if this model uses it
+    d = init_distributed()
+    if d.world_size > 1:
+        check_same_on_all_ranks("the composed config", OmegaConf.to_yaml(cfg, resolve=True))
+    run_training(cfg, run_dir, d)
+
+
+def record_error(run_dir: Path, error: BaseException) -> None:
+    """One line per failing rank, for the driver to report (and a sweep to record)."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    (run_dir / f"error-rank{rank}.txt").write_text(f"rank {rank}: {type(error).__name__}: {first}\n")
+
+
+def main() -> None:
+    from qfsdp.distributed import shutdown_and_exit
+
+    run_dir = Path(sys.argv[1])
+    try:
+        execute(load_run_config(run_dir), run_dir)
+    except BaseException as e:
+        record_error(run_dir, e)
+        raise
+    shutdown_and_exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Shared helpers: every test runs the real code (torch, bitsandbytes, PEFT, TRL, Hydra) on the tiny model, with
+real processes for distributed runs (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qfsdp.config import register_configs
+from qfsdp.rundir import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+# What launch.py does before Hydra composes: tests compose through Hydra's API too.
+register_configs()
+register_resolvers()
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """One tiny-model cache for the whole session, shared with every subprocess."""
+    os.environ.setdefault("QFSDP_CACHE", str(tmp_path_factory.mktemp("qfsdp-cache")))
+    os.environ["PYTHONUNBUFFERED"] = "1"
+
+
+def run_cmd(args: list[str], timeout: int = 300, env: dict | None = None, cwd: Path = ROOT):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def launch(*overrides: str, timeout: int = 300, check: bool = True, env: dict | None = None):
+    """`python launch.py OVERRIDES...`, as a user types it."""
+    result = run_cmd([sys.executable, "launch.py", *overrides], timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"launch.py {' '.join(overrides)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300, check: bool = True):
+    result = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                      *args], timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")

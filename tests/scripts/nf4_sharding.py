@@ -1,0 +1,117 @@
+"""Run under torchrun (2 ranks, gloo): sharded vs unsharded 4-bit model, compared exactly. Writes JSON to argv[1]."""
+
+import json
+import sys
+
+import bitsandbytes as bnb
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from qfsdp.config import LoraConfig, ModelConfig, QuantConfig
+from qfsdp.distributed import check_trainable_same_on_all_ranks, init_distributed, shutdown_and_exit
+from qfsdp.model import attach_lora, load_model, prepare_checkpoint
+from qfsdp.nf4 import NF4Weight, packed_bytes
+from qfsdp.shard import parallelize, quantized_bytes
+
+prepare_checkpoint(ModelConfig(path="tiny"), torch.float32)  # before the process group (see tiny.py)
+d = init_distributed()
+out = {}
+
+
+def build(storage: str, seed: int = 0):
+    model = load_model(ModelConfig(path="tiny"), QuantConfig(storage=storage), torch.float32, d.device)
+    model = attach_lora(model, LoraConfig(r=4, lora_alpha=8), seed=seed)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B, so A gets gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def loss_and_grads(model):
+    model.train()
+    result = model(input_ids=ids, labels=ids)
+    result.loss.backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return result.logits.detach(), grads
+
+
+for storage in ("uint8", "bfloat16"):
+    ref, sharded = build(storage), build(storage)
+    parallelize(ref, None, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
+                reshard_after_forward=True, cpu_offload=False)
+    total = quantized_bytes(ref)
+    mesh = init_device_mesh("cpu", (d.world_size,))
+    parallelize(sharded, mesh, param_dtype=torch.float32, activation_checkpointing=True, compile=False,
+                reshard_after_forward=True, cpu_offload=False)
+    ref_logits, ref_grads = loss_and_grads(ref)
+    logits, grads = loss_and_grads(sharded)
+
+    # the gathered 4-bit bytes of every quantized layer equal the unsharded bytes
+    ref_linears = [m for m in ref.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    layers = sharded.base_model.model.model.layers
+    bytes_equal, qs_kept = True, True
+    for layer in layers:
+        layer.unshard()
+    for m_ref, m in zip(ref_linears, [m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)]):
+        gathered = m.weight  # unsharded parameter: an NF4Weight carrying the quant state
+        bytes_equal &= torch.equal(packed_bytes(gathered), packed_bytes(m_ref.weight))
+        qs_kept &= isinstance(gathered.data, NF4Weight) and gathered.quant_state is not None
+        qs_kept &= torch.equal(gathered.quant_state.absmax, m_ref.weight.quant_state.absmax)
+    for layer in layers:
+        layer.reshard()
+    sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
+    out[storage] = {
+        "logits_equal": torch.equal(logits, ref_logits),
+        "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
+        "n_grads": len(ref_grads),
+        "bytes_equal": bool(bytes_equal),
+        "quant_state_kept": bool(qs_kept),
+        "sharded_local_is_nf4": isinstance(sharded_local.to_local(), NF4Weight),
+        "rank_bytes": quantized_bytes(sharded),
+        "total_bytes": total,
+    }
+
+# Silent-bug regression (bitsandbytes CPU repacking): an eval no-grad forward, then training, must give the same
+# LoRA gradients as training alone.
+def eval_then_grads(model):
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    return loss_and_grads(model)[1]
+
+
+guarded = build("uint8")
+parallelize(guarded, None, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
+            reshard_after_forward=True, cpu_offload=False)
+before = loss_and_grads(guarded)[1]
+after = eval_then_grads(guarded)
+out["eval_then_train_equal"] = all(torch.equal(before[n], after[n]) for n in before)
+# Without the guard (plain bitsandbytes), on CPUs with AVX512-BF16 the same sequence changes the gradients.
+plain = build("uint8")
+before = loss_and_grads(plain)[1]
+after = eval_then_grads(plain)
+out["unguarded_eval_then_train_max_rel_err"] = max(
+    ((before[n] - after[n]).norm() / before[n].norm().clamp_min(1e-30)).item() for n in before)
+
+# LoRA initialized differently per rank must be caught before training.
+try:
+    check_trainable_same_on_all_ranks(build("uint8", seed=d.rank))
+    out["rank_dependent_init_caught"] = False
+except RuntimeError as e:
+    out["rank_dependent_init_caught"] = "differs between ranks" in str(e)
+check_trainable_same_on_all_ranks(build("uint8", seed=0))  # and the same seed passes
+
+results = [None] * d.world_size
+dist.all_gather_object(results, out)
+if d.rank == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f)
+shutdown_and_exit(0)

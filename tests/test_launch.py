@@ -1,0 +1,158 @@
+"""The launch commands of the README, end to end, and what every run leaves behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPTS, adapter_weights, launch, metrics, run_cmd, summary, torchrun
+
+METRIC_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gib"}
+SUMMARY_KEYS = {"world_size", "steps", "final_loss", "tokens_per_second", "peak_memory_gib",
+                "quantized_bytes_per_rank", "wall_time_s", "versions"}
+
+
+def assert_finished_run(run_dir: Path, world_size: int, steps: int) -> dict:
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for r in rows:
+        assert METRIC_KEYS <= r.keys()
+        assert len(r["peak_memory_gib"]) == world_size and all(m > 0 for m in r["peak_memory_gib"])
+        assert r["tokens_per_second"] > 0 and r["loss"] > 0
+    s = summary(run_dir)
+    assert SUMMARY_KEYS <= s.keys()
+    assert s["world_size"] == world_size and s["steps"] == steps and s["final_loss"] == rows[-1]["loss"]
+    assert len(s["peak_memory_gib"]) == len(s["quantized_bytes_per_rank"]) == world_size
+    assert set(s["versions"]) == {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert not list(run_dir.glob("error-rank*.txt"))
+    return s
+
+
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(path).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`python launch.py`, exactly as the README says, from a fresh directory."""
+    cwd = tmp_path_factory.mktemp("demo")
+    result = run_cmd([sys.executable, str(ROOT / "launch.py")], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run_dir,) = list((cwd / "outputs").glob("*/*"))
+    return result, run_dir
+
+
+def test_default_demo(demo):
+    result, run_dir = demo
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", f"{run_dir.parent.name}/{run_dir.name}")
+    s = assert_finished_run(run_dir, world_size=1, steps=30)
+    assert s["losses"][-1] < s["losses"][0]  # it learns
+    assert f"results in {run_dir}" in result.stdout
+    assert "it/s" in result.stderr  # the progress bar
+
+
+def test_finished_run_is_never_overwritten(demo):
+    _, run_dir = demo
+    before = _tree_digest(run_dir)
+    result = launch(f"hydra.run.dir={run_dir}", "trainer.max_steps=2", check=False)
+    assert result.returncode == 2
+    assert "holds a finished run" in result.stderr and "hydra.run.dir" in result.stderr
+    assert _tree_digest(run_dir) == before
+
+
+def test_two_processes_offload_compile(tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch("world_size=2", "fsdp2=offload", "compile=true", "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
+    assert_finished_run(run_dir, world_size=2, steps=3)
+    assert "results in" in result.stdout
+
+
+def test_torchrun_shares_one_run_dir(tmp_path):
+    result = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      str(ROOT / "launch.py"), "fsdp2=offload", "compile=true", "trainer.max_steps=3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs  # both ranks in one directory, no per-rank timestamps
+    assert_finished_run(run_dirs[0], world_size=2, steps=3)
+    assert result.stdout.count("results in") == 1  # rank 0 alone reports
+
+
+def test_rank_with_different_config_is_an_error(tmp_path):
+    result = torchrun(2, "launch.py", "seed=${oc.env:RANK}", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}",
+                      check=False)
+    assert result.returncode != 0
+    assert "the composed config differs between ranks" in result.stdout + result.stderr
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = launch("-m", "world_size=1,2", "fsdp2=default,offload", "trainer.max_steps=3",
+                    f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        ws = int(re.search(r"world_size=(\d)", overrides).group(1))
+        s = assert_finished_run(job, world_size=ws, steps=3)
+        seen.add((ws, "offload" in overrides))
+    assert seen == {(1, False), (1, True), (2, False), (2, True)}
+    assert result.stdout.count("results in") == 4
+
+
+def test_sweep_records_a_failed_job_and_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = launch("-m", "fsdp2=off", "world_size=2,1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}")
+    failed = json.loads((sweep / "0" / "status.json").read_text())
+    assert failed["status"] == "failed" and "fsdp2=off" in failed["error"]
+    assert_finished_run(sweep / "1", world_size=1, steps=2)
+    assert result.returncode == 0
+
+
+def test_default_dirs(tmp_path):
+    result = launch("--cfg", "hydra")
+    assert "dir: outputs/${qfsdp_now:%Y-%m-%d}/${qfsdp_now:%H-%M-%S}" in result.stdout
+    assert "dir: multirun_outputs/${qfsdp_now:%Y-%m-%d}/${qfsdp_now:%H-%M-%S}" in result.stdout
+
+
+def test_trained_adapter_gives_trained_logits(tmp_path):
+    """The adapter saved from a 2-process run, reloaded into a plain PeftModel on the unsharded 4-bit base,
+    reproduces the trained sharded model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qfsdp.tiny import tiny_model_path
+
+    run_dir = tmp_path / "probe"
+    torchrun(2, str(SCRIPTS / "train_and_probe.py"), str(run_dir), "precision=fp32", "trainer.max_steps=4",
+             "trainer.learning_rate=1e-2")
+    probe = torch.load(run_dir / "probe.pt")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny"), quantization_config=q,
+                                                device_map={"": "cpu"}, dtype=torch.float32)
+    for m in base.modules():  # same CPU kernels as training (see qfsdp.nf4.to_nf4_weight)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits.float()
+        with model.disable_adapter():
+            base_logits = model(input_ids=probe["input_ids"]).logits.float()
+    assert (probe["logits"] - base_logits).abs().max() > 1e-3  # the adapter changed the model
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)

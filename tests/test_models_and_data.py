@@ -1,0 +1,96 @@
+"""Other architectures, pre-quantized checkpoints, full-precision bases, full fine-tuning and every dataset kind."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import ROOT, adapter_weights, launch, metrics, summary
+from qfsdp.config import ModelConfig
+from qfsdp.model import load_config
+from qfsdp.validate import Machine, validate
+
+
+def test_second_architecture_qwen2_one_vs_two(tmp_path):
+    runs = {}
+    for ws in (1, 2):
+        runs[ws] = tmp_path / f"ws{ws}"
+        launch("model=tiny_qwen2", f"world_size={ws}", "trainer.max_steps=4", f"hydra.run.dir={runs[ws]}")
+    l1, l2 = [r["loss"] for r in metrics(runs[1])], [r["loss"] for r in metrics(runs[2])]
+    assert max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-5
+    assert any("q_proj" in k for k in adapter_weights(runs[2]))
+    two = summary(runs[2])["quantized_bytes_per_rank"]
+    assert abs(two[0] - summary(runs[1])["quantized_bytes_per_rank"][0] / 2) <= 0.01 * two[0] * 2
+
+
+def test_prequantized_checkpoint_loads_and_trains(tmp_path):
+    """A checkpoint saved already in bitsandbytes 4-bit (like unsloth/...-bnb-4bit) loads without re-quantizing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from qfsdp.tiny import tiny_model_path
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    ckpt = tmp_path / "tiny-bnb-4bit"
+    # quantized from bf16 weights, as a bf16 run quantizes at load: the same bytes either way
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny"), quantization_config=q,
+                                                 device_map={"": "cpu"}, dtype=torch.bfloat16)
+    model.save_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(tiny_model_path("tiny")).save_pretrained(ckpt)
+    assert "quantization_config" in json.loads((ckpt / "config.json").read_text())
+
+    fresh, pre = tmp_path / "fresh", tmp_path / "pre"
+    launch("world_size=2", "trainer.max_steps=3", f"hydra.run.dir={fresh}")
+    launch(f"model.path={ckpt}", "world_size=2", "trainer.max_steps=3", f"hydra.run.dir={pre}")
+    assert summary(pre)["quantized_bytes_per_rank"] == summary(fresh)["quantized_bytes_per_rank"]
+    assert [r["loss"] for r in metrics(pre)] == [r["loss"] for r in metrics(fresh)]
+
+
+def test_lora_on_unquantized_base(tmp_path):
+    launch("quant=none", "world_size=2", "trainer.max_steps=3", f"hydra.run.dir={tmp_path}")
+    s = summary(tmp_path)
+    assert s["quantized_bytes_per_rank"] == [0, 0] and s["output"] == "adapter"
+
+
+def test_full_finetune_saves_whole_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    launch("quant=none", "lora=none", "world_size=2", "trainer.max_steps=3", "trainer.learning_rate=1e-3",
+           f"hydra.run.dir={tmp_path}")
+    from qfsdp.tiny import tiny_model_path
+
+    assert summary(tmp_path)["output"] == "model"
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny")).state_dict()
+    assert trained.keys() == initial.keys()
+    moved = [k for k in initial if not torch.equal(trained[k], initial[k])]
+    assert len(moved) == len(initial)  # every parameter was trained (and gathered whole from both ranks)
+
+
+def test_synthetic_dataset(tmp_path):
+    launch("dataset=synthetic", "dataset.seq_length=64", "world_size=2", "trainer.max_steps=3",
+           f"hydra.run.dir={tmp_path}")
+    rows = metrics(tmp_path)
+    # 8 sequences of 64 tokens per optimizer step, no padding
+    assert [r["tokens"] for r in rows] == [512, 1024, 1536]
+
+
+def test_jsonl_dataset_with_own_text_field(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"body": f"<human>: say {i}\n<bot>: {i}"}) + "\n" for i in range(40)))
+    launch("dataset=jsonl", f"dataset.path={data}", "dataset.text_field=body", "trainer.max_steps=2",
+           f"hydra.run.dir={tmp_path / 'run'}")
+    assert len(metrics(tmp_path / "run")) == 2
+
+
+def test_real_architectures_resolve_offline():
+    """llama3_1_8b / 70b with random_init use the bundled configs: no hub, and validation (LoRA targets on a
+    weightless copy) passes for the real shapes."""
+    from hydra import compose, initialize_config_dir
+
+    for name, layers in [("llama3_1_8b", 32), ("llama3_1_70b", 80)]:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = compose(config_name="config", overrides=[f"model={name}", "model.random_init=true"])
+        assert load_config(ModelConfig(**cfg.model)).num_hidden_layers == layers
+        assert validate(cfg, Machine(gpus=4)) == 4
