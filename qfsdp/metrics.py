@@ -45,13 +45,11 @@ class MetricsCallback(TrainerCallback):
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self.d = d
         self.rows: list[dict] = []
-        self.train_start: float | None = None
         self.time_origin = time_origin
         self._last = None  # (time, tokens) at the previous log
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.train_start = time.perf_counter()
-        self._last = (self.train_start, 0)
+        self._last = (time.perf_counter(), 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -77,12 +75,13 @@ class MetricsCallback(TrainerCallback):
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def steady_tokens_per_second(self, warmup: int = 1) -> float:
-        """Tokens/s over all logged steps after the first `warmup` (compile and allocator warm-up excluded)."""
-        if self.train_start is None or not self.rows:
-            return 0.0
-        rows = self.rows[warmup:] if len(self.rows) > warmup else self.rows
-        first = self.rows[warmup - 1] if len(self.rows) > warmup and warmup > 0 else None
-        t0, n0 = (first["elapsed_s"], first["tokens"]) if first else (self.train_start - self.time_origin, 0)
-        dt = rows[-1]["elapsed_s"] - t0
-        return (rows[-1]["tokens"] - n0) / dt if dt > 0 else 0.0
+    def steady_tokens_per_second(self, warmup_steps: int = 1) -> float:
+        """Tokens/s over the logged steps after the first `warmup_steps` (compile and allocator warm-up excluded).
+
+        Exact when every step is logged (logging_steps=1, the default); a run shorter than the warm-up reports its
+        last step's rate.
+        """
+        if len(self.rows) <= warmup_steps:
+            return self.rows[-1]["tokens_per_second"] if self.rows else 0.0
+        start, end = self.rows[warmup_steps - 1], self.rows[-1]
+        return (end["tokens"] - start["tokens"]) / (end["elapsed_s"] - start["elapsed_s"])
