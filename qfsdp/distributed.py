@@ -35,12 +35,14 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """Join the process group torchrun set up: NCCL on GPUs, gloo on CPU."""
+    """Join the process group torchrun set up: NCCL (and gloo for CPU tensors) on GPUs, gloo on CPU."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        # gloo beside NCCL: with CPU offload the sharded gradients live in CPU memory, and their norm (grad
+        # clipping) is reduced across ranks there.
+        backend = "cpu:gloo,cuda:nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"

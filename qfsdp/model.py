@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -60,7 +61,8 @@ def random_checkpoint(cfg: ModelConfig, dtype: torch.dtype) -> Path:
     if not (path / "config.json").exists():
         def build(out: Path) -> None:
             torch.manual_seed(0)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            # on this process' own GPU: random init of billions of parameters is minutes on a CPU
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             model.save_pretrained(out)

@@ -46,6 +46,7 @@ _BYTE_PRESERVING_OPS = {
     aten.empty_like.default,
     aten.zeros_like.default,
     aten._to_copy.default,
+    aten._pin_memory.default,  # FSDP2's CPU offload pins each shard
     aten.copy_.default,
     aten.cat.default,
     aten.constant_pad_nd.default,
@@ -139,17 +140,23 @@ def to_nf4_weight(module: bnb.nn.Linear4bit) -> None:
         return
     if getattr(weight, "quant_state", None) is None:
         raise ValueError(f"{module} holds no quantized weight (no quant_state); quantize before sharding")
-    module.weight = nn.Parameter(NF4Weight(weight.data, weight.quant_state), requires_grad=False)
+    packed = weight.data
+    if packed.dtype == torch.uint8 and packed.numel() % 2 == 0:
+        # FSDP2 before torch 2.13 creates every sharded parameter with requires_grad=True, which integer tensors
+        # refuse. Byte pairs reinterpreted as bfloat16 (a view, not a cast) are a float parameter to FSDP2, and
+        # are still gathered as raw bytes (fsdp_pre_all_gather), so no value is ever converted.
+        packed = packed.view(-1).view(torch.bfloat16).view(-1, 1)
+    module.weight = nn.Parameter(NF4Weight(packed, weight.quant_state), requires_grad=False)
     # Keep bitsandbytes' CPU path on the portable kernels: its AVX512-BF16 path repacks the weight in place during
     # the first no-grad eval forward, after which training silently computes wrong LoRA gradients.
     module.support_avx512bf16_for_cpu = False
 
 
 def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
-    """The packed 4-bit bytes held by this rank, as uint8 (works on plain, NF4Weight and DTensor weights)."""
+    """The packed 4-bit bytes held by this rank, as a flat uint8 vector (plain, NF4Weight and DTensor weights)."""
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     local = local.packed if isinstance(local, NF4Weight) else local
-    return local.detach().contiguous().view(torch.uint8)
+    return local.detach().contiguous().view(torch.uint8).view(-1)
 
 
 def dequantize(weight: torch.Tensor, quant_state: Any = None) -> torch.Tensor:

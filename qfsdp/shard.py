@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from qfsdp.model import decoder_layers
-from qfsdp.nf4 import packed_bytes, to_nf4_weight
+from qfsdp.nf4 import NF4Weight, packed_bytes, to_nf4_weight
 
 
 def parallelize(
@@ -56,7 +56,20 @@ def parallelize(
                     offload_policy=offload)
     # The root (embeddings, final norm, head) is needed again right at the start of backward: keep it gathered.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
+    _check_4bit_shards(model)
     return model
+
+
+def _check_4bit_shards(model: nn.Module) -> None:
+    """Every sharded 4-bit weight must still be an NF4Weight. If an op FSDP2 applied to it is missing from
+    nf4._BYTE_PRESERVING_OPS, the shard silently becomes plain bytes: bitsandbytes would then fall back to the
+    module's own quant state (and a float16 policy would cast the bytes)."""
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
+            if not isinstance(local, NF4Weight):
+                raise RuntimeError(f"{name}.weight lost its NF4Weight wrapper during fully_shard "
+                                   f"(now {type(local).__name__}); an FSDP2 op is missing from nf4._BYTE_PRESERVING_OPS")
 
 
 def quantized_bytes(model: nn.Module) -> int:

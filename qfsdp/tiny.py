@@ -52,9 +52,19 @@ def tiny_model_path(name: str) -> Path:
 
 
 def _atomic_build(path: Path, build) -> None:
-    # Several processes may ask at once (every torchrun rank): each builds aside, the first rename wins.
+    # Several processes may ask at once (every torchrun rank): local rank 0 builds aside and renames it into place,
+    # the other ranks of the node wait for it (a random 8B checkpoint is 16 GB: build it once).
+    import time
+
     import torch.distributed as dist
 
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        deadline = time.monotonic() + 3600
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited an hour for local rank 0 to build {path}")
+            time.sleep(1)
+        return
     if dist.is_available() and dist.is_initialized():
         # transformers' save_pretrained writes nothing on ranks other than 0 once a process group exists.
         raise RuntimeError(f"{path} is not built yet: call qfsdp.model.prepare_checkpoint before init_process_group")

@@ -30,7 +30,7 @@ def build(storage: str, seed: int = 0):
     return model
 
 
-ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0)).to(d.device)
 
 
 def loss_and_grads(model):
@@ -48,7 +48,7 @@ for storage in ("uint8", "bfloat16"):
     parallelize(ref, None, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
                 reshard_after_forward=True, cpu_offload=False)
     total = quantized_bytes(ref)
-    mesh = init_device_mesh("cpu", (d.world_size,))
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
     parallelize(sharded, mesh, param_dtype=torch.float32, activation_checkpointing=True, compile=False,
                 reshard_after_forward=True, cpu_offload=False)
     ref_logits, ref_grads = loss_and_grads(ref)

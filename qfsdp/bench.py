@@ -1,0 +1,193 @@
+"""Benchmark matrix: qfsdp configurations through the same `launch.py` users run, beside the stock recipe
+(`qfsdp.stock`), on one host, in one command.
+
+    python -m qfsdp.bench run OUT [--preset llama8b|tiny] [--rows NAME,NAME...]   # run rows, write the report
+    python -m qfsdp.bench report OUT SRC [SRC...]                                  # merge runs, redo report + checks
+
+Per row: steady-state tokens/s (first `WARMUP` steps excluded), MFU against a bf16 matmul ceiling measured in the
+same run, peak memory per rank while loading and while training (allocated and reserved), quantized bytes per
+rank, per-step loss, wall time. Output in OUT: results.json, results.md (table + PASS/FAIL checks), loss.png,
+throughput.png, memory.png, bench.log.
+
+MFU's FLOPs per token (QLoRA, no recompute counted): 4 * N_linear + 12 * L * s * d, where N_linear is every
+projection and the head (forward 2N, backward input gradients 2N; frozen base weights get no weight gradients,
+LoRA's are negligible), and 12 * L * s * d the attention scores and values (forward and backward, no causal
+discount), for L layers, sequence length s, hidden size d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 3
+
+PRESETS = {
+    # Llama-3.1-8B shape, random weights, synthetic 2048-token sequences, global batch 16, 20 steps.
+    "llama8b": ["model=llama3_1_8b", "model.random_init=true", "dataset=synthetic", "dataset.seq_length=2048",
+                "dataset.num_samples=512", "trainer.max_length=2048", "trainer.global_batch_size=16",
+                "trainer.per_device_train_batch_size=2", "trainer.max_steps=20", "lora.r=16"],
+    # The same matrix on the tiny model, for CPU tests.
+    "tiny": ["dataset=synthetic", "dataset.seq_length=64", "trainer.global_batch_size=8",
+             "trainer.per_device_train_batch_size=2", "trainer.max_steps=5"],
+}
+
+# name: (runner, world_size, overrides). runner "qfsdp" = launch.py, "stock" = qfsdp.stock under torchrun.
+ROWS = {
+    "qfsdp-1": ("qfsdp", 1, []),
+    "qfsdp-2": ("qfsdp", 2, []),
+    "qfsdp-2-offload": ("qfsdp", 2, ["fsdp2=offload"]),
+    "qfsdp-1-compile": ("qfsdp", 1, ["compile=true"]),
+    "qfsdp-2-compile": ("qfsdp", 2, ["compile=true"]),
+    "qfsdp-1-fp16": ("qfsdp", 1, ["precision=fp16"]),
+    "qfsdp-2-fp16": ("qfsdp", 2, ["precision=fp16"]),
+    "qfsdp-1-noac": ("qfsdp", 1, ["fsdp2.activation_checkpointing=false"]),
+    "qfsdp-4": ("qfsdp", 4, []),
+    "stock-1": ("stock", 1, []),
+    "stock-2-ddp": ("stock", 2, []),
+}
+
+
+def _env() -> dict:
+    # NVLink multicast stays off on shared multi-GPU hosts (../shared/gpu/README.md), in every child process too.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> dict:
+    runner, world_size, overrides = ROWS[name]
+    run_dir = rows_dir / name
+    args = [*preset, *overrides]
+    if runner == "qfsdp":
+        cmd = [sys.executable, str(ROOT / "launch.py"), f"world_size={world_size}", *args, f"hydra.run.dir={run_dir}"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+               "-m", "qfsdp.stock", str(run_dir), *args]
+    log.write(f"\n=== {name}: {' '.join(cmd)}\n")
+    log.flush()
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=_env(), cwd=ROOT)
+        error = None if result.returncode == 0 else f"exit code {result.returncode}"
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {timeout}s"
+    row = {"name": name, "runner": runner, "world_size": world_size, "overrides": overrides,
+           "command": " ".join(cmd[1:]), "wall_s": time.perf_counter() - start}
+    summary_path = run_dir / "summary.json"
+    if error is None and summary_path.exists():
+        row.update(status="ok", summary=json.loads(summary_path.read_text()))
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        row["losses"] = [r["loss"] for r in rows]
+        row["step_tokens_per_second"] = [r["tokens_per_second"] for r in rows]
+        row["tokens_per_second"] = _steady(rows)
+    else:
+        errors = sorted(run_dir.glob("error-rank*.txt"))
+        row.update(status="failed", error=errors[0].read_text().strip() if errors else error)
+    return row
+
+
+def _steady(rows: list[dict]) -> float:
+    if len(rows) <= WARMUP:
+        return rows[-1]["tokens_per_second"]
+    a, b = rows[WARMUP - 1], rows[-1]
+    return (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
+
+
+def matmul_ceiling() -> dict:
+    """bf16 matmul rate on this device (the MFU denominator), in a child process so no CUDA context lingers."""
+    code = (
+        "import json, torch, time\n"
+        "if not torch.cuda.is_available(): print(json.dumps(None)); raise SystemExit\n"
+        "n = 8192; a = torch.randn(n, n, device='cuda', dtype=torch.bfloat16); b = torch.randn_like(a)\n"
+        "for _ in range(3): a @ b\n"
+        "torch.cuda.synchronize(); s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)\n"
+        "s.record()\n"
+        "for _ in range(20): a @ b\n"
+        "e.record(); torch.cuda.synchronize()\n"
+        "print(json.dumps({'tflops': 2 * n**3 * 20 / (s.elapsed_time(e) / 1e3) / 1e12,\n"
+        "                  'device': torch.cuda.get_device_name()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+def flops_per_token(preset: list[str]) -> float:
+    from hydra import compose, initialize_config_dir
+
+    from qfsdp.config import ModelConfig, register_configs
+    from qfsdp.model import load_config
+    from qfsdp.rundir import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=preset)
+    c = load_config(ModelConfig(**cfg.model))
+    d, L, ff, V = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    kv = c.num_key_value_heads * (d // c.num_attention_heads)
+    n_linear = L * (2 * d * d + 2 * d * kv + 3 * d * ff) + d * V
+    s = cfg.dataset.seq_length if cfg.dataset.name == "synthetic" else cfg.trainer.max_length
+    return 4 * n_linear + 12 * L * s * d
+
+
+def report(out: Path, rows: list[dict], meta: dict) -> None:
+    from qfsdp.bench_report import checks, plots, table
+
+    results = checks(rows)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": results}, indent=1))
+    (out / "results.md").write_text(table(rows, meta, results))
+    plots(out, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m qfsdp.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("out", type=Path)
+    r.add_argument("--preset", default="llama8b", choices=sorted(PRESETS))
+    r.add_argument("--rows", default="qfsdp-1,qfsdp-2,stock-1", help=f"comma-separated, from: {', '.join(ROWS)}")
+    r.add_argument("--timeout", type=int, default=900, help="seconds per row")
+    r.add_argument("--rows-dir", type=Path, help="where each row's run directory goes (default OUT/rows)")
+    m = sub.add_parser("report")
+    m.add_argument("out", type=Path, help="where to write the merged report")
+    m.add_argument("sources", type=Path, nargs="+", help="directories holding results.json (first wins per row)")
+    a = p.parse_args(argv)
+
+    if a.cmd == "report":
+        rows, meta = [], {}
+        for d in a.sources:
+            data = json.loads((d / "results.json").read_text())
+            meta = meta or data["meta"]
+            rows += [row for row in data["rows"] if row["name"] not in {x["name"] for x in rows}]
+        a.out.mkdir(parents=True, exist_ok=True)
+        report(a.out, rows, meta)
+        print((a.out / "results.md").read_text())
+    else:
+        names = [n for n in a.rows.split(",") if n]
+        unknown = [n for n in names if n not in ROWS]
+        if unknown:
+            p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        a.out.mkdir(parents=True, exist_ok=True)
+        preset = PRESETS[a.preset]
+        meta = {"preset": a.preset, "preset_overrides": preset, "ceiling": matmul_ceiling(),
+                "flops_per_token": flops_per_token(preset), "warmup_steps": WARMUP, "host": os.uname().nodename}
+        rows = []
+        with (a.out / "bench.log").open("a") as log:
+            for name in names:
+                rows.append(run_row(name, preset, a.rows_dir or a.out / "rows", log, a.timeout))
+                report(a.out, rows, meta)  # after every row: a cut-off call keeps what finished
+                print(f"{name}: {rows[-1]['status']} {rows[-1].get('tokens_per_second', 0):.0f} tokens/s "
+                      f"({rows[-1]['wall_s']:.0f}s)", flush=True)
+        print((a.out / "results.md").read_text())
+        if any(row["status"] != "ok" for row in rows):
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Benchmark report: the Markdown table, the PASS/FAIL checks of what must hold, and the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GIB = 2**30
+
+
+def _by_name(rows):
+    return {r["name"]: r for r in rows if r["status"] == "ok"}
+
+
+def _mem(row, phase: str, key: str) -> list[float]:
+    """Per-rank peak memory (GiB) of a row, while loading (`load_memory`) or training (`memory`)."""
+    return [m.get(key, m.get("peak_rss_gib", 0.0)) for m in row["summary"][phase]]
+
+
+def _max_dloss(a, b) -> float:
+    return max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+
+
+def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """What must hold (issue: GPU proof). None = not measured in these rows."""
+    r = _by_name(rows)
+    out: list[tuple[str, bool | None, str]] = []
+
+    def check(name, needed, fn):
+        if all(n in r for n in needed):
+            ok, detail = fn(*[r[n] for n in needed])
+            out.append((name, bool(ok), detail))
+        else:
+            out.append((name, None, "not run: needs " + ", ".join(n for n in needed if n not in r)))
+
+    for one, many in [("qfsdp-1", "qfsdp-2"), ("qfsdp-1", "qfsdp-4")]:
+        check(f"loss parity {one} vs {many}: per-step |dloss| <= 1e-3", [one, many],
+              lambda a, b: (_max_dloss(a, b) <= 1e-3, f"max |dloss| = {_max_dloss(a, b):.2e} "
+                                                      f"over {min(len(a['losses']), len(b['losses']))} steps"))
+    check("offload on vs off identical (|dloss| <= 1e-6)", ["qfsdp-2", "qfsdp-2-offload"],
+          lambda a, b: (_max_dloss(a, b) <= 1e-6, f"max |dloss| = {_max_dloss(a, b):.2e}"))
+    for eager, compiled in [("qfsdp-1", "qfsdp-1-compile"), ("qfsdp-2", "qfsdp-2-compile")]:
+        check(f"compile on vs off: {compiled} vs {eager} |dloss| <= 1e-3", [eager, compiled],
+              lambda a, b: (_max_dloss(a, b) <= 1e-3, f"max |dloss| = {_max_dloss(a, b):.2e}"))
+    for bf16, fp16 in [("qfsdp-1", "qfsdp-1-fp16"), ("qfsdp-2", "qfsdp-2-fp16")]:
+        def fp16_ok(a, b):
+            finite = all(x == x and abs(x) != float("inf") for x in b["losses"])
+            rel = abs(b["losses"][-1] - a["losses"][-1]) / abs(a["losses"][-1])
+            return finite and rel <= 0.02, f"finite={finite}, final {b['losses'][-1]:.4f} vs bf16 " \
+                                           f"{a['losses'][-1]:.4f} ({rel:.2%})"
+        check(f"fp16 trains without inf/NaN, final loss within 2% of bf16 ({fp16})", [bf16, fp16], fp16_ok)
+    for name in [n for n in r if n.startswith("qfsdp-") and r[n]["world_size"] > 1]:
+        def bytes_ok(one, many):
+            total = one["summary"]["quantized_bytes_per_rank"][0]
+            per = many["summary"]["quantized_bytes_per_rank"]
+            worst = max(abs(b - total / len(per)) / (total / len(per)) for b in per)
+            return worst <= 0.01, f"{[round(b / GIB, 3) for b in per]} GiB per rank of {total / GIB:.3f} GiB"
+        check(f"quantized bytes per rank = total / world_size within 1% ({name})", ["qfsdp-1", name], bytes_ok)
+    check("load: every GPU's peak at world_size=2 below the 1-GPU load peak", ["qfsdp-1", "qfsdp-2"],
+          lambda a, b: (max(_mem(b, "load_memory", "peak_allocated_gib")) < _mem(a, "load_memory",
+                                                                                 "peak_allocated_gib")[0],
+                        f"{_fmt(_mem(b, 'load_memory', 'peak_allocated_gib'))} vs "
+                        f"{_fmt(_mem(a, 'load_memory', 'peak_allocated_gib'))} GiB"))
+    check("train: every GPU's peak at world_size=2 <= 75% of the 1-GPU peak", ["qfsdp-1", "qfsdp-2"],
+          lambda a, b: (max(_mem(b, "memory", "peak_allocated_gib")) <= 0.75 * _mem(a, "memory",
+                                                                                     "peak_allocated_gib")[0],
+                        f"{_fmt(_mem(b, 'memory', 'peak_allocated_gib'))} vs "
+                        f"{_fmt(_mem(a, 'memory', 'peak_allocated_gib'))} GiB"))
+    check("throughput: qfsdp 1 GPU >= stock recipe 1 GPU", ["qfsdp-1", "stock-1"],
+          lambda a, b: (a["tokens_per_second"] >= b["tokens_per_second"],
+                        f"{a['tokens_per_second']:.0f} vs {b['tokens_per_second']:.0f} tokens/s"))
+    check("throughput: qfsdp 2 GPUs >= 1.9 x qfsdp 1 GPU", ["qfsdp-1", "qfsdp-2"],
+          lambda a, b: (b["tokens_per_second"] >= 1.9 * a["tokens_per_second"],
+                        f"{b['tokens_per_second']:.0f} vs 1.9 x {a['tokens_per_second']:.0f} tokens/s "
+                        f"({b['tokens_per_second'] / a['tokens_per_second']:.2f}x)"))
+    return out
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
+
+def table(rows: list[dict], meta: dict, results) -> str:
+    ceiling = (meta.get("ceiling") or {}).get("tflops")
+    fpt = meta["flops_per_token"]
+    lines = [
+        f"Preset `{meta['preset']}`: {' '.join(meta['preset_overrides'])}",
+        "",
+        f"bf16 matmul ceiling: {f'{ceiling:.0f} TFLOP/s' if ceiling else 'n/a (no GPU)'} "
+        f"({(meta.get('ceiling') or {}).get('device', 'cpu')}); FLOPs/token {fpt:.3e}; "
+        f"tokens/s exclude the first {meta['warmup_steps']} steps.",
+        "",
+        "| row | status | GPUs | tokens/s | tokens/s/GPU | MFU | load peak GiB (alloc) | train peak GiB "
+        "(alloc / reserved) | 4-bit GiB/rank | final loss | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['name']} | FAILED: {row.get('error', '')[:80]} | {row['world_size']} |"
+                         + " |" * 8)
+            continue
+        s, ws, tps = row["summary"], row["world_size"], row["tokens_per_second"]
+        mfu = f"{tps / ws * fpt / (ceiling * 1e12):.1%}" if ceiling else "n/a"
+        load = max(_mem(row, "load_memory", "peak_allocated_gib"))
+        alloc = max(_mem(row, "memory", "peak_allocated_gib"))
+        reserved = max(_mem(row, "memory", "peak_reserved_gib"))
+        lines.append(f"| {row['name']} | ok | {ws} | {tps:,.0f} | {tps / ws:,.0f} | {mfu} | {load:.2f} | "
+                     f"{alloc:.2f} / {reserved:.2f} | {s['quantized_bytes_per_rank'][0] / GIB:.3f} | "
+                     f"{s['final_loss']:.4f} | {s['wall_time_s']:.0f} |")
+    lines += ["", "Checks:", ""]
+    for name, ok, detail in results:
+        lines.append(f"- {'PASS' if ok else 'n/a ' if ok is None else 'FAIL'} {name}: {detail}")
+    return "\n".join(lines) + "\n"
+
+
+def plots(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in ok:
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["name"], alpha=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+    names = [r["name"] for r in ok]
+    for fname, values, ylabel in [
+        ("throughput.png", [r["tokens_per_second"] for r in ok], "tokens/s (all GPUs)"),
+        ("memory.png", [max(_mem(r, "memory", "peak_allocated_gib")) for r in ok], "peak GiB per GPU (train)"),
+    ]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(names, values)
+        ax.set_ylabel(ylabel)
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=100)
+        plt.close(fig)

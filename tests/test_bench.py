@@ -1,0 +1,33 @@
+"""The benchmark command runs on CPU with the tiny model, so it cannot rot (GPU numbers: docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import run_cmd
+
+
+def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
+    out = tmp_path / "bench"
+    result = run_cmd([sys.executable, "-m", "qfsdp.bench", "run", str(out), "--preset", "tiny",
+                      "--rows", "qfsdp-1,qfsdp-2,stock-1"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"qfsdp-1", "qfsdp-2", "stock-1"} and all(r["status"] == "ok" for r in rows.values())
+    assert len(rows["qfsdp-1"]["losses"]) == 5 and rows["stock-1"]["tokens_per_second"] > 0
+    assert rows["qfsdp-2"]["summary"]["world_size"] == 2
+    # the stock recipe trains the same model on the same data: same starting loss
+    assert abs(rows["stock-1"]["losses"][0] - rows["qfsdp-1"]["losses"][0]) < 1e-2
+    checks = {name: ok for name, ok, _ in data["checks"]}
+    assert checks["loss parity qfsdp-1 vs qfsdp-2: per-step |dloss| <= 1e-3"] is True
+    table = (out / "results.md").read_text()
+    assert "| qfsdp-2 | ok | 2 |" in table and "PASS loss parity" in table
+    for name in ("loss.png", "throughput.png", "memory.png", "bench.log"):
+        assert (out / name).stat().st_size > 0
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    result = run_cmd([sys.executable, "-m", "qfsdp.bench", "report", str(merged), str(out)])
+    assert result.returncode == 0 and "| stock-1 | ok | 1 |" in (merged / "results.md").read_text()
