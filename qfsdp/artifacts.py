@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from torch import nn
 
 from qfsdp.distributed import Dist, all_gather_object
@@ -52,11 +51,11 @@ def versions() -> dict[str, str]:
             "trl": trl.__version__, "bitsandbytes": bitsandbytes.__version__}
 
 
-def build_summary(cfg: DictConfig, callback, d: Dist, *, quantized_bytes_per_rank: list[int], load_memory: dict,
+def build_summary(callback, d: Dist, *, quantized_bytes_per_rank: list[int], load_memory: dict,
                   wall_time_s: float, output: str) -> dict:
     mem = memory_stats(d.device)
-    mems = all_gather_object(mem) if d.world_size > 1 else [mem]
-    loads = all_gather_object(load_memory) if d.world_size > 1 else [load_memory]
+    mems = all_gather_object(mem)
+    loads = all_gather_object(load_memory)
     rows = callback.rows
     return {
         "status": "ok",

@@ -118,16 +118,10 @@ def matmul_ceiling() -> dict:
 
 
 def flops_per_token(preset: list[str]) -> float:
-    from hydra import compose, initialize_config_dir
-
-    from qfsdp.config import ModelConfig, register_configs
+    from qfsdp.config import ModelConfig, compose_config
     from qfsdp.model import load_config
-    from qfsdp.rundir import register_resolvers
 
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=preset)
+    cfg = compose_config(preset)
     c = load_config(ModelConfig(**cfg.model))
     d, L, ff, V = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
     kv = c.num_key_value_heads * (d // c.num_attention_heads)

@@ -7,10 +7,13 @@ or a value of the wrong type fails when Hydra composes the config, naming the ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
@@ -137,3 +140,15 @@ def register_configs() -> None:
     ]:
         cs.store(group=group, name=f"{group}_schema", node=schema)
 
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The job config `python launch.py OVERRIDES` would compose (for tools, scripts and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    from qfsdp.rundir import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))

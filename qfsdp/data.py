@@ -29,7 +29,8 @@ def check_jsonl(path: str | Path, text_field: str) -> None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"dataset file {str(p)!r} line {number} is not JSON ({e.msg}); fix or remove it")
+            raise DatasetError(
+                f"dataset file {str(p)!r} line {number} is not JSON ({e.msg}); fix or remove it") from None
         if isinstance(row, dict) and isinstance(row.get(text_field), str) and row[text_field].strip():
             usable += 1
     if usable == 0:

@@ -69,6 +69,9 @@ def shutdown_and_exit(code: int = 0) -> None:
 
 
 def all_gather_object(obj) -> list:
+    """`obj` from every rank, in rank order (just `[obj]` in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out

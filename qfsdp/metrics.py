@@ -54,7 +54,7 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         mem = memory_stats(self.d.device)
-        mems = all_gather_object(mem) if self.d.world_size > 1 else [mem]
+        mems = all_gather_object(mem)
         if "loss" not in logs:
             return
         now, tokens = time.perf_counter(), int(state.num_input_tokens_seen)

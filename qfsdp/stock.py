@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -24,21 +21,17 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     from qfsdp import artifacts
-    from qfsdp.config import register_configs
+    from qfsdp.config import compose_config
     from qfsdp.data import load_train_dataset
-    from qfsdp.distributed import init_distributed, shutdown_and_exit
+    from qfsdp.distributed import all_gather_object, init_distributed, shutdown_and_exit
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.model import load_tokenizer, prepare_checkpoint
-    from qfsdp.rundir import register_resolvers
     from qfsdp.shard import quantized_bytes
     from qfsdp.train import gradient_accumulation_steps
 
     run_dir = Path(sys.argv[1])
     run_dir.mkdir(parents=True, exist_ok=True)
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=sys.argv[2:])
+    cfg = compose_config(sys.argv[2:])
 
     start = time.perf_counter()
     path = prepare_checkpoint(cfg.model, torch.bfloat16)
@@ -74,10 +67,8 @@ def main() -> None:
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
     reset_peak_memory(d.device)
     trainer.train()
-    from qfsdp.distributed import all_gather_object
-
-    qbytes = all_gather_object(quantized_bytes(model)) if d.world_size > 1 else [quantized_bytes(model)]
-    summary = artifacts.build_summary(cfg, callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory,
+    qbytes = all_gather_object(quantized_bytes(model))
+    summary = artifacts.build_summary(callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory,
                                       wall_time_s=time.perf_counter() - start, output="none")
     if d.is_main:
         artifacts.write_summary(run_dir, summary)

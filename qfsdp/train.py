@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qfsdp import artifacts
-from qfsdp.distributed import Dist, check_trainable_same_on_all_ranks
+from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks
 from qfsdp.model import attach_lora, load_model, load_tokenizer, make_trainable_fp32
 from qfsdp.shard import parallelize, quantized_bytes
 
@@ -100,15 +100,13 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         model, mesh, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
         compile=cfg.compile, reshard_after_forward=cfg.fsdp2.reshard_after_forward, cpu_offload=cfg.fsdp2.offload,
     )
-    from qfsdp.distributed import all_gather_object
-
-    qbytes = all_gather_object(quantized_bytes(model)) if d.world_size > 1 else [quantized_bytes(model)]
+    qbytes = all_gather_object(quantized_bytes(model))
     reset_peak_memory(d.device)
     trainer.train()
 
     output = artifacts.save_trained_weights(model, run_dir, d, adapter=cfg.lora.enabled)
     summary = artifacts.build_summary(
-        cfg, callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory,
+        callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory,
         wall_time_s=time.perf_counter() - start, output=output,
     )
     if d.is_main:

@@ -13,13 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qfsdp.config import register_configs
-from qfsdp.rundir import register_resolvers
-
 ROOT = Path(__file__).resolve().parents[1]
-# What launch.py does before Hydra composes: tests compose through Hydra's API too.
-register_configs()
-register_resolvers()
 SCRIPTS = Path(__file__).parent / "scripts"
 
 

@@ -3,22 +3,20 @@ directory that looks like a finished run."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, launch, run_cmd
+from conftest import launch, run_cmd
+from qfsdp.config import compose_config
 from qfsdp.validate import ConfigError, Machine, validate
 
 CPU = Machine(gpus=0)
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def _error(*overrides, machine=CPU, torchrun_world_size=None) -> str:

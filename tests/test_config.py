@@ -4,23 +4,20 @@ compose time naming the key; trainer keys are real SFTConfig fields."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import ROOT, launch
-from qfsdp.config import TrainerConfig
+from qfsdp.config import TrainerConfig, compose_config
 
 GROUPS = ["model", "quant", "lora", "fsdp2", "precision", "dataset"]
 
 
 
 def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def _options(group):

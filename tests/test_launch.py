@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, adapter_weights, launch, metrics, run_cmd, summary, torchrun
+from conftest import ROOT, SCRIPTS, launch, metrics, run_cmd, summary, torchrun
 
 METRIC_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gib"}
 SUMMARY_KEYS = {"world_size", "steps", "final_loss", "tokens_per_second", "peak_memory_gib",
@@ -109,7 +109,7 @@ def test_sweep(tmp_path):
     for job in jobs:
         overrides = (job / ".hydra" / "overrides.yaml").read_text()
         ws = int(re.search(r"world_size=(\d)", overrides).group(1))
-        s = assert_finished_run(job, world_size=ws, steps=3)
+        assert_finished_run(job, world_size=ws, steps=3)
         seen.add((ws, "offload" in overrides))
     assert seen == {(1, False), (1, True), (2, False), (2, True)}
     assert result.stdout.count("results in") == 4

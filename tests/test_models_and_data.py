@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from conftest import ROOT, adapter_weights, launch, metrics, summary
-from qfsdp.config import ModelConfig
+from conftest import adapter_weights, launch, metrics, summary
+from qfsdp.config import ModelConfig, compose_config
 from qfsdp.model import load_config
 from qfsdp.validate import Machine, validate
 
@@ -87,10 +87,7 @@ def test_jsonl_dataset_with_own_text_field(tmp_path):
 def test_real_architectures_resolve_offline():
     """llama3_1_8b / 70b with random_init use the bundled configs: no hub, and validation (LoRA targets on a
     weightless copy) passes for the real shapes."""
-    from hydra import compose, initialize_config_dir
-
     for name, layers in [("llama3_1_8b", 32), ("llama3_1_70b", 80)]:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-            cfg = compose(config_name="config", overrides=[f"model={name}", "model.random_init=true"])
+        cfg = compose_config([f"model={name}", "model.random_init=true"])
         assert load_config(ModelConfig(**cfg.model)).num_hidden_layers == layers
         assert validate(cfg, Machine(gpus=4)) == 4

@@ -8,21 +8,15 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from qfsdp.config import register_configs
+from qfsdp.config import compose_config
 from qfsdp.distributed import init_distributed, shutdown_and_exit
 from qfsdp.model import prepare_checkpoint
-from qfsdp.rundir import register_resolvers
 from qfsdp.train import run_training
 
-ROOT = Path(__file__).resolve().parents[2]
 run_dir = Path(sys.argv[1])
 run_dir.mkdir(parents=True, exist_ok=True)
-register_configs()
-register_resolvers()
-with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-    cfg = compose(config_name="config", overrides=sys.argv[2:])
+cfg = compose_config(sys.argv[2:])
 
 prepare_checkpoint(cfg.model, getattr(torch, cfg.precision.dtype))
 d = init_distributed()
