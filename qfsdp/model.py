@@ -53,7 +53,7 @@ def random_checkpoint(cfg: ModelConfig, dtype: torch.dtype) -> Path:
     """
     from transformers import AutoModelForCausalLM
 
-    from qfsdp.tiny import _atomic_build, cache_dir
+    from qfsdp.tiny import build_once, cache_dir
 
     config = load_config(cfg)
     name = (cfg.architecture or Path(cfg.path).name).replace("/", "_")
@@ -66,7 +66,7 @@ def random_checkpoint(cfg: ModelConfig, dtype: torch.dtype) -> Path:
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             model.save_pretrained(out)
-        _atomic_build(path, build)
+        build_once(path, build)
     return path
 
 

@@ -39,7 +39,7 @@ def cache_dir() -> Path:
 def tiny_tokenizer_path() -> Path:
     path = cache_dir() / f"tokenizer-v{_VERSION}"
     if not (path / "tokenizer.json").exists():
-        _atomic_build(path, _build_tokenizer)
+        build_once(path, _build_tokenizer)
     return path
 
 
@@ -47,11 +47,11 @@ def tiny_model_path(name: str) -> Path:
     """Directory of the cached tiny model `name` (one of TINY_ARCHITECTURES), built on first use."""
     path = cache_dir() / f"{name}-v{_VERSION}"
     if not (path / "config.json").exists():
-        _atomic_build(path, lambda out: _build_model(name, out))
+        build_once(path, lambda out: _build_model(name, out))
     return path
 
 
-def _atomic_build(path: Path, build) -> None:
+def build_once(path: Path, build) -> None:
     # Several processes may ask at once (every torchrun rank): local rank 0 builds aside and renames it into place,
     # the other ranks of the node wait for it (a random 8B checkpoint is 16 GB: build it once).
     import time
