@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from qfsdp.metrics import steady_tokens_per_second
+
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3
 
@@ -85,18 +87,11 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> 
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         row["losses"] = [r["loss"] for r in rows]
         row["step_tokens_per_second"] = [r["tokens_per_second"] for r in rows]
-        row["tokens_per_second"] = _steady(rows)
+        row["tokens_per_second"] = steady_tokens_per_second(rows, WARMUP)
     else:
         errors = sorted(run_dir.glob("error-rank*.txt"))
         row.update(status="failed", error=errors[0].read_text().strip() if errors else error)
     return row
-
-
-def _steady(rows: list[dict]) -> float:
-    if len(rows) <= WARMUP:
-        return rows[-1]["tokens_per_second"]
-    a, b = rows[WARMUP - 1], rows[-1]
-    return (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
 
 
 def matmul_ceiling() -> dict:

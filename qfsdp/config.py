@@ -141,7 +141,6 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=schema)
 
 
-
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The job config `python launch.py OVERRIDES` would compose (for tools, scripts and tests)."""
     from hydra import compose, initialize_config_dir

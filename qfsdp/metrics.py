@@ -76,12 +76,16 @@ class MetricsCallback(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
 
     def steady_tokens_per_second(self, warmup_steps: int = 1) -> float:
-        """Tokens/s over the logged steps after the first `warmup_steps` (compile and allocator warm-up excluded).
+        return steady_tokens_per_second(self.rows, warmup_steps)
 
-        Exact when every step is logged (logging_steps=1, the default); a run shorter than the warm-up reports its
-        last step's rate.
-        """
-        if len(self.rows) <= warmup_steps:
-            return self.rows[-1]["tokens_per_second"] if self.rows else 0.0
-        start, end = self.rows[warmup_steps - 1], self.rows[-1]
-        return (end["tokens"] - start["tokens"]) / (end["elapsed_s"] - start["elapsed_s"])
+
+def steady_tokens_per_second(rows: list[dict], warmup_steps: int = 1) -> float:
+    """Tokens/s over the logged steps after the first `warmup_steps` (compile and allocator warm-up excluded).
+
+    `rows` are metrics.jsonl lines. Exact when every step is logged (logging_steps=1, the default); a run shorter
+    than the warm-up reports its last step's rate.
+    """
+    if len(rows) <= warmup_steps:
+        return rows[-1]["tokens_per_second"] if rows else 0.0
+    start, end = rows[warmup_steps - 1], rows[-1]
+    return (end["tokens"] - start["tokens"]) / (end["elapsed_s"] - start["elapsed_s"])
