@@ -7,8 +7,9 @@ holds the packed bytes *and* their quant state, and implements FSDP2's all-gathe
 
 - `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the packed bytes, always as uint8 (byte-exact, whatever
   the storage dtype: FSDP2 never casts the packed data, and NaN bit patterns in float storage cannot be touched);
-- `fsdp_post_all_gather` wraps the gathered bytes in a new `NF4Weight` carrying the same quant state, so the
-  weight used for compute is bit-identical to the unsharded one and `Linear4bit.forward` finds its quant state.
+- `fsdp_post_all_gather` hands the gathered bytes to compute as a plain tensor, which `attach_quant_states`
+  gives the same quant state: the weight used for compute is bit-identical to the unsharded one, and bitsandbytes'
+  kernels run on it without this subclass's Python dispatch.
 
 Every other op on an `NF4Weight` runs on the packed bytes. Ops that only move, view or copy bytes (the ones FSDP2
 uses to chunk, pad and offload a parameter) return an `NF4Weight` again; anything else (bitsandbytes' dequantize
@@ -121,8 +122,10 @@ class NF4Weight(torch.Tensor):
         if out is not None:
             # FSDP2 re-gathers into the same buffer `out` already views; nothing to rebuild.
             return
-        packed = gathered.view(storage_dtype)
-        return NF4Weight(packed, self.quant_state), (gathered,)
+        # Compute gets the gathered bytes as a plain tensor, not as an NF4Weight: every op on a tensor subclass goes
+        # through Python dispatch, about seven per layer call, which made one-GPU steps CPU-bound (12% of CPU time
+        # on an H200, profiled). `attach_quant_states` gives the gathered parameter its quant state on first use.
+        return gathered.view(storage_dtype), (gathered,)
 
 
 def _flat(args, kwargs):
@@ -147,9 +150,30 @@ def to_nf4_weight(module: bnb.nn.Linear4bit) -> None:
         # are still gathered as raw bytes (fsdp_pre_all_gather), so no value is ever converted.
         packed = packed.view(-1).view(torch.bfloat16).view(-1, 1)
     module.weight = nn.Parameter(NF4Weight(packed, weight.quant_state), requires_grad=False)
+    module.quant_state = weight.quant_state  # the gathered weight gets it from here (see attach_quant_states)
     # Keep bitsandbytes' CPU path on the portable kernels: its AVX512-BF16 path repacks the weight in place during
     # the first no-grad eval forward, after which training silently computes wrong LoRA gradients.
     module.support_avx512bf16_for_cpu = False
+
+
+def attach_quant_states(unit: nn.Module, linears: list[bnb.nn.Linear4bit]) -> None:
+    """Give the gathered weights of `linears` (managed by the FSDP2 unit `unit`) their quant state, in a forward
+    pre-hook of `unit` that runs right after FSDP2 gathers them.
+
+    FSDP2 keeps the gathered parameter object for the whole run, so this sets the attribute once. Without it,
+    bitsandbytes' `Linear4bit.forward` would replace `module.weight` by a new `Params4bit` on every call (its fallback
+    for sharded weights), and a compiled layer would see a different weight on its first call than later (at which
+    point 1- and 2-process compiled runs stopped matching). The hook is kept out of torch.compile; on the unit, not
+    on each linear, it costs one graph break before the unit's body rather than one per linear.
+    """
+
+    @torch.compiler.disable
+    def hook(module, args):
+        for m in linears:
+            if getattr(m.weight, "quant_state", None) is None:
+                m.weight.quant_state = m.quant_state
+
+    unit.register_forward_pre_hook(hook)
 
 
 def packed_bytes(weight: torch.Tensor) -> torch.Tensor:

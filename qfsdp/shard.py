@@ -20,7 +20,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from qfsdp.model import decoder_layers
-from qfsdp.nf4 import NF4Weight, packed_bytes, to_nf4_weight
+from qfsdp.nf4 import NF4Weight, attach_quant_states, packed_bytes, to_nf4_weight
 
 
 def parallelize(
@@ -66,6 +66,7 @@ def parallelize(
         if compile:
             layer.compile()
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **shard)
+        attach_quant_states(layer, _linears_4bit(layer))
     # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
     # 8B). As its own unit, the embedding is gathered only during its forward. The head cannot be: TRL's fused LM
     # head reads `lm_head.weight` directly, not through `lm_head.forward`, so FSDP2 has no hook to gather it on use;
@@ -81,18 +82,23 @@ def parallelize(
         ignored = {head.weight}
     # 4-bit layers outside the decoder layers, if the architecture has any; then the root, and fully_shard moves
     # what is left (final norm, rotary buffers) to the device.
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit) and not isinstance(m.weight, DTensor):
-            _wrap_4bit(m.to(device))
+    outside = [m for m in _linears_4bit(model) if not isinstance(m.weight, DTensor)]
+    for m in outside:
+        _wrap_4bit(m.to(device))
     fully_shard(model, reshard_after_forward=False, ignored_params=ignored, **shard)
+    if outside:
+        attach_quant_states(model, outside)
     _check_4bit_shards(model)
     return model
 
 
+def _linears_4bit(module: nn.Module) -> list[bnb.nn.Linear4bit]:
+    return [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
 def _wrap_4bit(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            to_nf4_weight(m)
+    for m in _linears_4bit(module):
+        to_nf4_weight(m)
 
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

@@ -61,9 +61,10 @@ for storage in ("uint8", "bfloat16"):
     for layer in layers:
         layer.unshard()
     for m_ref, m in zip(ref_linears, [m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)]):
-        gathered = m.weight  # unsharded parameter: an NF4Weight carrying the quant state
+        gathered = m.weight  # unsharded parameter, as compute sees it (after the forward above)
         bytes_equal &= torch.equal(packed_bytes(gathered), packed_bytes(m_ref.weight))
-        qs_kept &= isinstance(gathered.data, NF4Weight) and gathered.quant_state is not None
+        # compute used the sharded weight's own quant state
+        qs_kept &= gathered.quant_state is m.quant_state
         qs_kept &= torch.equal(gathered.quant_state.absmax, m_ref.weight.quant_state.absmax)
     for layer in layers:
         layer.reshard()
