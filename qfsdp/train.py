@@ -66,6 +66,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
     from qfsdp.data import load_train_dataset
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
+    from qfsdp.progress import attach
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -95,6 +96,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[callback])
+    attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(
         model, mesh, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
