@@ -83,7 +83,7 @@ def _start_workers(run_dir: Path, world_size: int) -> None:
         stale.unlink()
     result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
-        errors = sorted(run_dir.glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime_ns)  # first: root cause
+        errors = sorted(run_dir.glob("error-rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))  # root cause 1st
         detail = errors[0].read_text().strip() if errors else f"workers exited with code {result.returncode}"
         raise JobFailed(detail)
 

@@ -95,7 +95,7 @@ def load_job(path: Path, name: str) -> Job:
     recorded = json.loads((path / STATUS).read_text()) if (path / STATUS).exists() else None
     # The first error file written is the root cause: a rank that fails makes the others fail after it (a peer's
     # "connection closed"). status.json holds the driver's error: a bad config, or the same rank line.
-    rank_errors = sorted(path.glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime_ns)
+    rank_errors = sorted(path.glob("error-rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     if summary is not None:
         status, error = "ok", ""
     elif rank_errors or recorded is not None:
