@@ -1,17 +1,55 @@
 #!/usr/bin/env bash
-# Run the benchmark matrix on an offline GPU host (see ../shared/gpu/README.md), from the repo root:
+# Run benchmark rows on an offline GPU host (see ../shared/gpu/README.md), from the repo root, in lanes that run
+# side by side on disjoint GPUs:
 #
-#   bash bench/gpu.sh OUT [ROWS]          e.g. bash bench/gpu.sh /tmp/out qfsdp-1,qfsdp-2,stock-1
+#   bash bench/gpu.sh OUT LANE [LANE...]     LANE = GPUS:ROW,ROW...   e.g.  0:stock-1,qfsdp-1  2,3:qfsdp-2
+#                                            GPUS "all": the lane runs after the others, on every GPU
 #
-# Needs, carried along: .gpu-site/ (make-site.sh's default packages) and .gpu-wheels/transformers-5.23.0-*.whl
-# (the host's transformers 5.17 lacks the Trainer path for pre-sharded models). Everything lands in OUT.
-set -euo pipefail
-out=${1:?usage: bash bench/gpu.sh OUT [ROWS]}
-rows=${2:-qfsdp-1,qfsdp-2,stock-1}
-mkdir -p "$out"
+# A row's comparisons (qfsdp-1 vs stock-1, 1 vs 2 GPUs) are made within a lane or between lanes of the same call;
+# lanes share the host's CPUs, not their GPUs. Every lane stops starting rows 9 minutes after the call begins (a
+# device call lasts at most 10), and OUT then gets the merged results.json / results.md / plots, host.txt,
+# bench.log and extras.tar.gz (every row's metrics, summary, profile and the lane logs).
+#
+# Carried along: .gpu-site/ (make-site.sh's default packages) and .gpu-wheels/transformers-5.23.0-*.whl (the
+# host's transformers 5.17 lacks the Trainer path for models sharded before training).
+set -uo pipefail
+out=${1:?usage: bash bench/gpu.sh OUT GPUS:ROWS [GPUS:ROWS...]}
+shift
+stop_at=$(( $(date +%s) + ${BENCH_SECONDS:-540} ))
+mkdir -p "$out" /tmp/qfsdp-lanes
 . bench/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch, transformers, peft, trl, bitsandbytes as b; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__, "bitsandbytes", b.__version__)'
+  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
 } | tee "$out/host.txt"
-# run directories stay outside OUT: OUT holds the few files to keep (results, table, plots, log)
-python3 -m qfsdp.bench run "$out" --rows "$rows" --rows-dir /tmp/qfsdp-bench-rows
+
+all_rows=$(for lane in "$@"; do echo "${lane#*:}"; done | paste -sd, -)
+# checkpoints and tokenizers first, once: lanes would otherwise race to build the same ones
+python3 -m qfsdp.bench prepare --rows "$all_rows" > /tmp/qfsdp-lanes/prepare.log 2>&1 || tail -20 /tmp/qfsdp-lanes/prepare.log
+
+run_lane() {  # GPUS ROWS DIR
+  CUDA_VISIBLE_DEVICES=$1 python3 -m qfsdp.bench run "$3" --rows "$2" --rows-dir /tmp/qfsdp-bench-rows \
+    --stop-at "$stop_at" > "$3.log" 2>&1
+}
+sources=() pids=() i=0
+for lane in "$@"; do
+  gpus=${lane%%:*}
+  [ "$gpus" = all ] && continue
+  i=$((i + 1)); sources+=(/tmp/qfsdp-lanes/lane$i)
+  run_lane "$gpus" "${lane#*:}" /tmp/qfsdp-lanes/lane$i & pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+for lane in "$@"; do
+  [ "${lane%%:*}" = all ] || continue
+  i=$((i + 1)); sources+=(/tmp/qfsdp-lanes/lane$i)
+  all=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)
+  run_lane "$all" "${lane#*:}" /tmp/qfsdp-lanes/lane$i
+done
+
+existing=(); for s in "${sources[@]}"; do [ -f "$s/results.json" ] && existing+=("$s"); done
+[ ${#existing[@]} -gt 0 ] && python3 -m qfsdp.bench report "$out" "${existing[@]}" > /dev/null
+cat /tmp/qfsdp-lanes/lane*/bench.log > "$out/bench.log" 2>/dev/null
+( cd /tmp && tar czf "$out/extras.tar.gz" --exclude='*.safetensors' --exclude='*.bin' --exclude='trainer' \
+    qfsdp-lanes qfsdp-bench-rows 2>/dev/null )
+cat "$out/results.md" 2>/dev/null
+for s in "${sources[@]}"; do tail -3 "$s.log"; done

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from qfsdp.config import compose_config
@@ -39,19 +40,40 @@ PRESETS = {
              "trainer.per_device_train_batch_size=2", "trainer.max_steps=5"],
 }
 
-# name: (runner, world_size, overrides). runner "qfsdp" = launch.py, "stock" = qfsdp.stock under torchrun.
+@dataclass(frozen=True)
+class Row:
+    runner: str  # "qfsdp": launch.py, as users run it; "stock": qfsdp.stock (the baseline recipe) under torchrun
+    world_size: int
+    overrides: tuple[str, ...] = ()
+    preset: bool = True  # False: the overrides are the whole recipe (an experiment), the preset is not applied
+
+
+# "-det" rows run with deterministic=true: GPU kernels are not deterministic run to run (the same config twice
+# differs by ~1e-3 in loss after a few steps on H200), so comparisons that must hold below that (1 vs N GPUs,
+# offload, compile) are made between deterministic rows.
+DET = ("deterministic=true",)
+KAGGLE = ("experiment=kaggle_2xt4", "model.random_init=true", *DET)
 ROWS = {
-    "qfsdp-1": ("qfsdp", 1, []),
-    "qfsdp-2": ("qfsdp", 2, []),
-    "qfsdp-2-offload": ("qfsdp", 2, ["fsdp2=offload"]),
-    "qfsdp-1-compile": ("qfsdp", 1, ["compile=true"]),
-    "qfsdp-2-compile": ("qfsdp", 2, ["compile=true"]),
-    "qfsdp-1-fp16": ("qfsdp", 1, ["precision=fp16"]),
-    "qfsdp-2-fp16": ("qfsdp", 2, ["precision=fp16"]),
-    "qfsdp-1-noac": ("qfsdp", 1, ["fsdp2.activation_checkpointing=false"]),
-    "qfsdp-4": ("qfsdp", 4, []),
-    "stock-1": ("stock", 1, []),
-    "stock-2-ddp": ("stock", 2, []),
+    "qfsdp-1": Row("qfsdp", 1),
+    "qfsdp-2": Row("qfsdp", 2),
+    "qfsdp-4": Row("qfsdp", 4),
+    "qfsdp-1-offload": Row("qfsdp", 1, ("fsdp2=offload",)),
+    "qfsdp-2-offload": Row("qfsdp", 2, ("fsdp2=offload",)),
+    "qfsdp-1-compile": Row("qfsdp", 1, ("compile=true",)),
+    "qfsdp-2-compile": Row("qfsdp", 2, ("compile=true",)),
+    "qfsdp-1-fp16": Row("qfsdp", 1, ("precision=fp16",)),
+    "qfsdp-2-fp16": Row("qfsdp", 2, ("precision=fp16",)),
+    "qfsdp-1-noac": Row("qfsdp", 1, ("fsdp2.activation_checkpointing=false",)),
+    "qfsdp-2-noac": Row("qfsdp", 2, ("fsdp2.activation_checkpointing=false",)),
+    "qfsdp-1-det": Row("qfsdp", 1, DET),
+    "qfsdp-2-det": Row("qfsdp", 2, DET),
+    "qfsdp-4-det": Row("qfsdp", 4, DET),
+    "qfsdp-2-offload-det": Row("qfsdp", 2, ("fsdp2=offload", *DET)),
+    "qfsdp-2-compile-det": Row("qfsdp", 2, ("compile=true", *DET)),
+    "kaggle-1": Row("qfsdp", 1, KAGGLE, preset=False),
+    "kaggle-2": Row("qfsdp", 2, KAGGLE, preset=False),
+    "stock-1": Row("stock", 1),
+    "stock-2-ddp": Row("stock", 2),
 }
 
 
@@ -62,9 +84,10 @@ def _env() -> dict:
 
 
 def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> dict:
-    runner, world_size, overrides = ROWS[name]
+    row_spec = ROWS[name]
+    runner, world_size, overrides = row_spec.runner, row_spec.world_size, list(row_spec.overrides)
     run_dir = rows_dir / name
-    args = [*preset, *overrides]
+    args = row_config(name, preset)
     if runner == "qfsdp":
         cmd = [sys.executable, str(ROOT / "launch.py"), f"world_size={world_size}", *args, f"hydra.run.dir={run_dir}"]
     else:
@@ -91,6 +114,26 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> 
         errors = sorted(run_dir.glob("error-rank*.txt"))
         row.update(status="failed", error=errors[0].read_text().strip() if errors else error)
     return row
+
+
+def row_config(name: str, preset: list[str]):
+    spec = ROWS[name]
+    return [*(preset if spec.preset else []), *spec.overrides]
+
+
+def prepare(names: list[str], preset: list[str]) -> None:
+    """Build every checkpoint and tokenizer the rows need, once, before rows run (possibly several at a time)."""
+    import torch
+
+    from qfsdp.config import compose_config
+    from qfsdp.model import load_tokenizer, prepare_checkpoint
+
+    for name in names:
+        cfg = compose_config(row_config(name, preset))
+        prepare_checkpoint(cfg.model, getattr(torch, cfg.precision.dtype), full_finetune=not cfg.lora.enabled)
+        if ROWS[name].runner == "stock":
+            prepare_checkpoint(cfg.model, torch.bfloat16)  # the stock recipe loads bf16 weights
+        load_tokenizer(cfg.model)
 
 
 def matmul_ceiling() -> dict:
@@ -129,12 +172,18 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--rows", default="qfsdp-1,qfsdp-2,stock-1", help=f"comma-separated, from: {', '.join(ROWS)}")
     r.add_argument("--timeout", type=int, default=900, help="seconds per row")
     r.add_argument("--rows-dir", type=Path, help="where each row's run directory goes (default OUT/rows)")
+    r.add_argument("--stop-at", type=float, help="epoch seconds: start no row after this (less 60 s), cut rows there")
+    pr = sub.add_parser("prepare", help="build the checkpoints and tokenizers the rows need")
+    pr.add_argument("--preset", default="llama8b", choices=sorted(PRESETS))
+    pr.add_argument("--rows", required=True)
     m = sub.add_parser("report")
     m.add_argument("out", type=Path, help="where to write the merged report")
     m.add_argument("sources", type=Path, nargs="+", help="directories holding results.json (first wins per row)")
     a = p.parse_args(argv)
 
-    if a.cmd == "report":
+    if a.cmd == "prepare":
+        prepare([n for n in a.rows.split(",") if n], PRESETS[a.preset])
+    elif a.cmd == "report":
         rows, meta = [], {}
         for d in a.sources:
             data = json.loads((d / "results.json").read_text())
@@ -156,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         with (a.out / "bench.log").open("a") as log:
             for name in names:
-                rows.append(run_row(name, preset, a.rows_dir or a.out / "rows", log, a.timeout))
+                left = (a.stop_at - time.time()) if a.stop_at else a.timeout
+                if left < 60:  # a device call has a hard time limit: keep what finished, report, stop
+                    rows.append({"name": name, "runner": ROWS[name].runner, "world_size": ROWS[name].world_size,
+                                 "status": "skipped", "error": "not started: --stop-at reached", "wall_s": 0.0})
+                    continue
+                rows.append(run_row(name, preset, a.rows_dir or a.out / "rows", log, int(min(a.timeout, left))))
                 report(a.out, rows, meta)  # after every row: a cut-off call keeps what finished
                 print(f"{name}: {rows[-1]['status']} {rows[-1].get('tokens_per_second', 0):.0f} tokens/s "
                       f"({rows[-1]['wall_s']:.0f}s)", flush=True)

@@ -34,15 +34,24 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         else:
             out.append((name, None, "not run: needs " + ", ".join(n for n in needed if n not in r)))
 
-    for one, many in [("qfsdp-1", "qfsdp-2"), ("qfsdp-1", "qfsdp-4")]:
-        check(f"loss parity {one} vs {many}: per-step |dloss| <= 1e-3", [one, many],
-              lambda a, b: (_max_dloss(a, b) <= 1e-3, f"max |dloss| = {_max_dloss(a, b):.2e} "
-                                                      f"over {min(len(a['losses']), len(b['losses']))} steps"))
-    check("offload on vs off identical (|dloss| <= 1e-6)", ["qfsdp-2", "qfsdp-2-offload"],
-          lambda a, b: (_max_dloss(a, b) <= 1e-6, f"max |dloss| = {_max_dloss(a, b):.2e}"))
-    for eager, compiled in [("qfsdp-1", "qfsdp-1-compile"), ("qfsdp-2", "qfsdp-2-compile")]:
-        check(f"compile on vs off: {compiled} vs {eager} |dloss| <= 1e-3", [eager, compiled],
-              lambda a, b: (_max_dloss(a, b) <= 1e-3, f"max |dloss| = {_max_dloss(a, b):.2e}"))
+    def dloss_within(bound):
+        return lambda a, b: (_max_dloss(a, b) <= bound, f"max |dloss| = {_max_dloss(a, b):.2e} "
+                                                        f"over {min(len(a['losses']), len(b['losses']))} steps")
+
+    # Deterministic rows: the differences measured are the configurations', not GPU run-to-run noise.
+    for one, many in [("qfsdp-1-det", "qfsdp-2-det"), ("qfsdp-1-det", "qfsdp-4-det")]:
+        check(f"loss parity {one} vs {many}: per-step |dloss| <= 1e-3", [one, many], dloss_within(1e-3))
+    # Offload moves the optimizer step to the CPU: same arithmetic, so equal up to float32 rounding.
+    check("offload on vs off identical: qfsdp-2-offload-det vs qfsdp-2-det, per-step |dloss| <= 1e-5",
+          ["qfsdp-2-det", "qfsdp-2-offload-det"], dloss_within(1e-5))
+    check("compile on vs off: qfsdp-2-compile-det vs qfsdp-2-det, per-step |dloss| <= 1e-3",
+          ["qfsdp-2-det", "qfsdp-2-compile-det"], dloss_within(1e-3))
+    # The same comparisons without deterministic kernels, for reference (run-to-run noise included).
+    for one, many in [("qfsdp-1", "qfsdp-2"), ("qfsdp-1", "qfsdp-4"), ("qfsdp-2", "qfsdp-2-offload"),
+                      ("qfsdp-2", "qfsdp-2-compile")]:
+        if one in r and many in r:
+            out.append((f"{many} vs {one} without deterministic kernels (run-to-run noise included)", None,
+                        dloss_within(1.0)(r[one], r[many])[1]))
     for bf16, fp16 in [("qfsdp-1", "qfsdp-1-fp16"), ("qfsdp-2", "qfsdp-2-fp16")]:
         def fp16_ok(a, b):
             finite = all(x == x and abs(x) != float("inf") for x in b["losses"])
@@ -67,6 +76,16 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                                                                                      "peak_allocated_gib")[0],
                         f"{_fmt(_mem(b, 'memory', 'peak_allocated_gib'))} vs "
                         f"{_fmt(_mem(a, 'memory', 'peak_allocated_gib'))} GiB"))
+    kaggle_limit = 15.0
+    for name in ("kaggle-1", "kaggle-2"):
+        check(f"{name}: peak memory per GPU < {kaggle_limit:.0f} GiB (load and train, reserved)", [name],
+              lambda a: (max(_mem(a, "memory", "peak_reserved_gib") + _mem(a, "load_memory", "peak_reserved_gib"))
+                         < kaggle_limit and all(x == x for x in a["losses"]),
+                         f"train {_fmt(_mem(a, 'memory', 'peak_reserved_gib'))}, load "
+                         f"{_fmt(_mem(a, 'load_memory', 'peak_reserved_gib'))} GiB reserved; "
+                         f"{len(a['losses'])} steps, finite losses"))
+    check("kaggle-2 loss curve matches kaggle-1: per-step |dloss| <= 1e-3", ["kaggle-1", "kaggle-2"],
+          dloss_within(1e-3))
     check("throughput: qfsdp 1 GPU >= stock recipe 1 GPU", ["qfsdp-1", "stock-1"],
           lambda a, b: (a["tokens_per_second"] >= b["tokens_per_second"],
                         f"{a['tokens_per_second']:.0f} vs {b['tokens_per_second']:.0f} tokens/s"))
@@ -97,7 +116,8 @@ def table(rows: list[dict], meta: dict, results) -> str:
     ]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['name']} | FAILED: {row.get('error', '')[:80]} | {row['world_size']} |"
+            status = f"{row['status'].upper()}: {row.get('error', '')[:80]}"
+            lines.append(f"| {row['name']} | {status} | {row['world_size']} |"
                          + " |" * 8)
             continue
         s, ws, tps = row["summary"], row["world_size"], row["tokens_per_second"]
@@ -110,7 +130,8 @@ def table(rows: list[dict], meta: dict, results) -> str:
                      f"{s['final_loss']:.4f} | {s['wall_time_s']:.0f} |")
     lines += ["", "Checks:", ""]
     for name, ok, detail in results:
-        lines.append(f"- {'PASS' if ok else 'n/a ' if ok is None else 'FAIL'} {name}: {detail}")
+        label = "PASS" if ok else "FAIL" if ok is not None else "n/a" if detail.startswith("not run") else "info"
+        lines.append(f"- {label} {name}: {detail}")
     return "\n".join(lines) + "\n"
 
 

@@ -127,6 +127,14 @@ class Config:
     seed: int = 42
     # Processes (GPUs, or CPU processes when there is no GPU). null = every visible GPU, or 1 without GPUs.
     world_size: Optional[int] = None
+    # Deterministic GPU kernels (torch.use_deterministic_algorithms, warn-only): the same run twice gives the same
+    # losses, so configurations can be compared below GPU run-to-run noise. Somewhat slower.
+    deterministic: bool = False
+    # Cap every GPU's memory for this run, in GiB (e.g. 15 to behave like a 16 GB Tesla T4); null = no cap.
+    # Ignored on CPU.
+    gpu_memory_limit_gib: Optional[float] = None
+    # Profile optimizer steps 4-5 with torch.profiler on rank 0 -> profile.txt in the run directory.
+    profile: bool = False
 
 
 def register_configs() -> None:

@@ -85,35 +85,80 @@ def prepare_checkpoint(model_cfg: ModelConfig, compute_dtype: torch.dtype, full_
     return resolve_path(model_cfg)
 
 
-def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype, device: torch.device,
+def bnb_config(quant_cfg: QuantConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.quant_type,
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant_cfg.storage),
+    )
+
+
+def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
                full_finetune: bool = False):
-    """Load the base model onto `device`, quantized to 4 bits when `quant_cfg.enabled`."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """Load the base model into CPU memory; `shard.parallelize` then moves it to the device one layer at a time.
+
+    With `quant_cfg.enabled`, the linear layers become bitsandbytes `Linear4bit`s that still hold their
+    full-precision weights (`defer_4bit`): bitsandbytes quantizes a weight when it moves to a device, so each layer
+    is quantized on the GPU as it arrives and sharded before the next one comes. No GPU ever holds the whole model,
+    which transformers' own 4-bit loading (quantize everything onto one device, then shard) cannot avoid.
+    A checkpoint saved in 4-bit loads as saved: packed bytes in CPU memory, moved the same way.
+    """
+    from transformers import AutoModelForCausalLM
 
     storage_dtype = checkpoint_dtype(compute_dtype, full_finetune)
     path = prepare_checkpoint(model_cfg, compute_dtype, full_finetune)
     config = load_config(ModelConfig(path=path, trust_remote_code=model_cfg.trust_remote_code))
-    kwargs = {}
-    if getattr(config, "quantization_config", None) is None and quant_cfg.enabled:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant_cfg.quant_type,
-            bnb_4bit_use_double_quant=quant_cfg.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=getattr(torch, quant_cfg.storage),
-        )
-    # A pre-quantized checkpoint (config.json names its quantization) loads as saved: passing
-    # quantization_config=None explicitly would override that and load garbage shapes.
+    prequantized = getattr(config, "quantization_config", None) is not None
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=storage_dtype,
-        device_map={"": device},
+        device_map={"": "cpu"},
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
-        **kwargs,
     )
+    if quant_cfg.enabled and not prequantized:
+        defer_4bit(model, bnb_config(quant_cfg, compute_dtype))
     model.config.use_cache = False
     return model
+
+
+def defer_4bit(model: nn.Module, config) -> None:
+    """Turn the model's linear layers into `bnb.nn.Linear4bit`s whose weights quantize when they reach a device.
+
+    The same modules transformers' bitsandbytes integration converts (every `nn.Linear` except the output head and
+    the model's float32 modules), with the same `Params4bit` settings; and the same markers it leaves, which PEFT
+    (LoRA for 4-bit layers) and TRL read: `is_loaded_in_4bit` and `config.quantization_config`.
+    tests/test_models_and_data.py checks the result trains exactly like a checkpoint transformers quantized.
+    """
+    import bitsandbytes as bnb
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    # transformers' own rules for what stays unquantized (head, tied and float32 modules, configured skips)
+    skip = [*get_keys_to_not_convert(model), *(config.llm_int8_skip_modules or []),
+            *(getattr(model, "_keep_in_fp32_modules", None) or [])]
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or not should_convert_module(name, skip):
+            continue
+        linear4 = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None,
+            compute_dtype=config.bnb_4bit_compute_dtype, compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage, device="meta",
+        )
+        linear4.weight = bnb.nn.Params4bit(
+            module.weight.data, requires_grad=False, compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage, module=linear4,
+        )
+        if module.bias is not None:
+            linear4.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        linear4.requires_grad_(False)
+        model.set_submodule(name, linear4)
+    model.is_loaded_in_4bit = True
+    model.config.quantization_config = config
 
 
 def peft_lora_config(cfg: LoraConfig):

@@ -1,9 +1,13 @@
-"""Parallelize the model, in the order it must happen (as torchtitan does):
+"""Place and parallelize the model, in the order it must happen (as torchtitan does):
 
-1. packed 4-bit weights become `NF4Weight`s, so FSDP2 shards and gathers them with their quant state;
-2. activation checkpointing per decoder layer (transformers' own, non-reentrant);
-3. `torch.compile` per decoder layer, after checkpointing and before sharding;
-4. `fully_shard` per decoder layer, then the root, with the mixed-precision and offload policies.
+1. activation checkpointing per decoder layer (transformers' own, non-reentrant);
+2. per decoder layer, one at a time: move it to the device (bitsandbytes quantizes its weights as they arrive),
+   make its packed 4-bit weights `NF4Weight`s (so FSDP2 shards and gathers them with their quant state),
+   `torch.compile` it, and `fully_shard` it, before the next layer comes;
+3. the input embeddings as their own FSDP2 unit, the frozen head left whole on every GPU (see below), then the
+   root (final norm, buffers).
+
+Mixed precision and CPU offload are FSDP2 policies on every unit.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from qfsdp.model import decoder_layers
 from qfsdp.nf4 import NF4Weight, packed_bytes, to_nf4_weight
@@ -21,6 +26,7 @@ from qfsdp.nf4 import NF4Weight, packed_bytes, to_nf4_weight
 def parallelize(
     model: nn.Module,
     mesh: DeviceMesh | None,
+    device: torch.device,
     *,
     param_dtype: torch.dtype,
     activation_checkpointing: bool,
@@ -28,20 +34,21 @@ def parallelize(
     reshard_after_forward: bool,
     cpu_offload: bool,
 ) -> nn.Module:
-    """Apply steps 1-4 above in place; `mesh=None` leaves the model unsharded (the single-process reference)."""
+    """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference)."""
     layers = decoder_layers(model)
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            to_nf4_weight(module)
-
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    if compile:
-        for layer in layers:
-            layer.compile()
+    # transformers and Accelerate check a 4-bit model's recorded placement against the training device; the model
+    # was loaded into CPU memory and lives on `device` from here on.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.hf_device_map = {"": device.index if device.type == "cuda" else device.type}
 
     if mesh is None:
+        model.to(device)
+        _wrap_4bit(model)
+        for layer in layers if compile else []:
+            layer.compile()
         return model
 
     mp_policy = MixedPrecisionPolicy(
@@ -50,14 +57,51 @@ def parallelize(
         reduce_dtype=torch.float32,
     )
     # pin_memory needs a GPU; on CPU the offloaded shards are ordinary memory.
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    shard = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy,
-                    offload_policy=offload)
-    # The root (embeddings, final norm, head) is needed again right at the start of backward: keep it gathered.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
+        # This rank's GPU holds its shards so far plus one layer in full precision, never the whole model.
+        layer.to(device)
+        _wrap_4bit(layer)
+        if compile:
+            layer.compile()
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **shard)
+    # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
+    # 8B). As its own unit, the embedding is gathered only during its forward. The head cannot be: TRL's fused LM
+    # head reads `lm_head.weight` directly, not through `lm_head.forward`, so FSDP2 has no hook to gather it on use;
+    # in the root it would be gathered from the start of forward to the end of backward, a full copy on top of its
+    # shard. A frozen head is therefore left unsharded (FSDP2's `ignored_params`): one copy per GPU, no shard.
+    # Tied to the embedding, both are one weight and stay in the root.
+    embed, head = _embeddings(model)
+    if embed is not None:
+        fully_shard(embed.to(device), reshard_after_forward=True, **shard)
+    ignored = set()
+    if head is not None and not head.weight.requires_grad:
+        head.to(device)
+        ignored = {head.weight}
+    # 4-bit layers outside the decoder layers, if the architecture has any; then the root, and fully_shard moves
+    # what is left (final norm, rotary buffers) to the device.
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and not isinstance(m.weight, DTensor):
+            _wrap_4bit(m.to(device))
+    fully_shard(model, reshard_after_forward=False, ignored_params=ignored, **shard)
     _check_4bit_shards(model)
     return model
+
+
+def _wrap_4bit(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            to_nf4_weight(m)
+
+
+def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input embedding, head) to treat apart from the root; (None, None) when they share one weight."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if outputs is None or inputs.weight is outputs.weight:
+        return None, None
+    return inputs, outputs
 
 
 def _check_4bit_shards(model: nn.Module) -> None:

@@ -27,7 +27,7 @@ def main() -> None:
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.model import load_tokenizer, prepare_checkpoint
     from qfsdp.shard import quantized_bytes
-    from qfsdp.train import gradient_accumulation_steps
+    from qfsdp.train import gradient_accumulation_steps, profile_callbacks
 
     run_dir = Path(sys.argv[1])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,8 @@ def main() -> None:
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
     trainer = SFTTrainer(model=model, args=args, train_dataset=load_train_dataset(cfg.dataset, model.config.vocab_size,
                                                                                   cfg.seed),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+                         processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[callback, *profile_callbacks(cfg, run_dir, d)])
     reset_peak_memory(d.device)
     trainer.train()
     qbytes = all_gather_object(quantized_bytes(model))

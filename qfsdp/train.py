@@ -1,10 +1,11 @@
 """One training run on every rank: load, attach LoRA, shard, train with TRL's SFTTrainer, save.
 
 Model setup, in order:
-1. load the base model onto this rank's device (4-bit NF4 when quant is on);
+1. load the base model into CPU memory (linear layers as bitsandbytes 4-bit layers, not yet quantized);
 2. attach LoRA with the same seed on every rank, and check the init is identical;
 3. build the SFTTrainer (it tokenizes the data), then keep LoRA weights float32;
-4. parallelize: NF4Weight, activation checkpointing, per-layer compile, fully_shard per layer and root;
+4. parallelize: activation checkpointing, then layer by layer onto the device (quantized there), NF4Weight,
+   compile and fully_shard; then embeddings, head and root;
 5. train; rank 0 writes metrics, the adapter, summary.json and loss.png.
 """
 
@@ -75,8 +76,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
     tokenizer = load_tokenizer(cfg.model)
     reset_peak_memory(d.device)
-    model = load_model(cfg.model, cfg.quant, dtype, d.device, full_finetune=full_finetune)
-    load_memory = memory_stats(d.device)
+    model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune)
     if cfg.lora.enabled:
         model = attach_lora(model, cfg.lora, cfg.seed)
     else:
@@ -94,14 +94,17 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         mesh = init_device_mesh(d.device.type, (d.world_size,), mesh_dim_names=("fsdp",))
         hand_sharded_model_to_trainer(model, d.world_size)
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
+    callbacks = [callback, *profile_callbacks(cfg, run_dir, d)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[callback])
+                         callbacks=callbacks)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(
-        model, mesh, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
+        model, mesh, d.device, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
         compile=cfg.compile, reshard_after_forward=cfg.fsdp2.reshard_after_forward, cpu_offload=cfg.fsdp2.offload,
     )
+    # Loading ends once the model is on the device, quantized and sharded (see shard.py).
+    load_memory = memory_stats(d.device)
     qbytes = all_gather_object(quantized_bytes(model))
     reset_peak_memory(d.device)
     trainer.train()
@@ -115,6 +118,12 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         artifacts.plot_loss(run_dir, callback.rows)
         artifacts.write_summary(run_dir, summary)
     return summary, model
+
+
+def profile_callbacks(cfg: DictConfig, run_dir: Path, d: Dist) -> list:
+    from qfsdp.profiling import ProfileCallback
+
+    return [ProfileCallback(run_dir if d.is_main else None)] if cfg.profile else []
 
 
 def hand_sharded_model_to_trainer(model: torch.nn.Module, world_size: int) -> None:

@@ -67,6 +67,8 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     _check_model_path(cfg)
     _check_dataset(cfg)
     _check_lora_targets(cfg)
+    if cfg.gpu_memory_limit_gib is not None and cfg.gpu_memory_limit_gib <= 0:
+        raise ConfigError(f"gpu_memory_limit_gib={cfg.gpu_memory_limit_gib} must be positive GiB, or null for no cap")
     return world_size
 
 

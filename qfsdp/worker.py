@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,18 +29,37 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
 
     check_precision_on_device(cfg.precision.dtype)
     quiet_library_progress_bars()  # the training bar stays the only one
+    if cfg.deterministic:
+        # cuBLAS reads this when its first handle is created, so it is set before any GPU work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     prepare_checkpoint(cfg.model, getattr(torch, cfg.precision.dtype), full_finetune=not cfg.lora.enabled)
     load_tokenizer(cfg.model)  # builds the tiny tokenizer if this model uses it
     d = init_distributed()
     if d.world_size > 1:
         check_same_on_all_ranks("the composed config", OmegaConf.to_yaml(cfg, resolve=True))
+    apply_device_settings(cfg, d.device)
     run_training(cfg, run_dir, d)
+
+
+def apply_device_settings(cfg: DictConfig, device) -> None:
+    """`deterministic` and `gpu_memory_limit_gib`, for this process."""
+    import torch
+
+    if cfg.deterministic:
+        # warn_only: an op without a deterministic kernel warns (in the log) instead of stopping the run. The
+        # attention backward kernels (flash, memory-efficient) switch to their deterministic variants.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    if cfg.gpu_memory_limit_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        # The caching allocator refuses allocations beyond this fraction: an out-of-memory error where a smaller
+        # GPU would have one.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit_gib * 2**30 / total), device)
 
 
 def record_error(run_dir: Path, error: BaseException) -> None:
     """One line per failing rank, for the driver to report (and a sweep to record)."""
-    import os
-
     rank = os.environ.get("RANK", "0")
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     (run_dir / f"error-rank{rank}.txt").write_text(f"rank {rank}: {type(error).__name__}: {first}\n")

@@ -11,19 +11,19 @@ from conftest import run_cmd
 def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
     out = tmp_path / "bench"
     result = run_cmd([sys.executable, "-m", "qfsdp.bench", "run", str(out), "--preset", "tiny",
-                      "--rows", "qfsdp-1,qfsdp-2,stock-1"])
+                      "--rows", "qfsdp-1-det,qfsdp-2-det,stock-1"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
-    assert set(rows) == {"qfsdp-1", "qfsdp-2", "stock-1"} and all(r["status"] == "ok" for r in rows.values())
-    assert len(rows["qfsdp-1"]["losses"]) == 5 and rows["stock-1"]["tokens_per_second"] > 0
-    assert rows["qfsdp-2"]["summary"]["world_size"] == 2
+    assert set(rows) == {"qfsdp-1-det", "qfsdp-2-det", "stock-1"} and all(r["status"] == "ok" for r in rows.values())
+    assert len(rows["qfsdp-1-det"]["losses"]) == 5 and rows["stock-1"]["tokens_per_second"] > 0
+    assert rows["qfsdp-2-det"]["summary"]["world_size"] == 2
     # the stock recipe trains the same model on the same data: same starting loss
-    assert abs(rows["stock-1"]["losses"][0] - rows["qfsdp-1"]["losses"][0]) < 1e-2
+    assert abs(rows["stock-1"]["losses"][0] - rows["qfsdp-1-det"]["losses"][0]) < 1e-2
     checks = {name: ok for name, ok, _ in data["checks"]}
-    assert checks["loss parity qfsdp-1 vs qfsdp-2: per-step |dloss| <= 1e-3"] is True
+    assert checks["loss parity qfsdp-1-det vs qfsdp-2-det: per-step |dloss| <= 1e-3"] is True
     table = (out / "results.md").read_text()
-    assert "| qfsdp-2 | ok | 2 |" in table and "PASS loss parity" in table
+    assert "| qfsdp-2-det | ok | 2 |" in table and "PASS loss parity" in table
     for name in ("loss.png", "throughput.png", "memory.png", "bench.log"):
         assert (out / name).stat().st_size > 0
 

@@ -1,0 +1,44 @@
+"""`experiment=kaggle_2xt4`: the free Kaggle 2 x T4 recipe (fp16, offload, sdpa, 15 GiB per GPU), on the tiny
+model here; the 8B-shape GPU emulation is a benchmark row (docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import SCRIPTS, launch, metrics, summary, torchrun
+from qfsdp.config import compose_config
+
+
+def test_experiment_is_the_kaggle_recipe():
+    cfg = compose_config(["experiment=kaggle_2xt4"])
+    assert cfg.model.path == "unsloth/Meta-Llama-3.1-8B" and cfg.model.attn_implementation == "sdpa"
+    assert cfg.precision.dtype == "float16" and cfg.precision.loss_scaling
+    assert cfg.fsdp2.offload and cfg.world_size == 2 and cfg.gpu_memory_limit_gib == 15
+    t = cfg.trainer
+    assert (t.max_steps, t.per_device_train_batch_size, t.global_batch_size, t.max_length) == (60, 2, 8, 2048)
+    assert cfg.dataset.name == "sample"
+    # the user's own overrides still win over the experiment's
+    assert compose_config(["experiment=kaggle_2xt4", "model=tiny", "world_size=1"]).model.path == "tiny"
+
+
+def test_one_gpu_and_two_gpus_train_the_same(tmp_path):
+    runs = {ws: tmp_path / f"ws{ws}" for ws in (1, 2)}
+    for ws, run in runs.items():
+        launch("experiment=kaggle_2xt4", "model=tiny", f"world_size={ws}", "trainer.max_steps=4",
+               f"hydra.run.dir={run}")
+    l1, l2 = ([r["loss"] for r in metrics(runs[ws])] for ws in (1, 2))
+    assert len(l1) == len(l2) == 4
+    # fp16 compute, float32 gradient reduction: only the reduction order differs between 1 and 2 processes
+    assert max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-4, (l1, l2)
+    assert summary(runs[2])["quantized_bytes_per_rank"][0] * 2 == summary(runs[1])["quantized_bytes_per_rank"][0]
+
+
+def test_nothing_computes_in_bfloat16(tmp_path):
+    def bf16_ops(*overrides):
+        out = tmp_path / f"ops{len(list(tmp_path.iterdir()))}.json"
+        torchrun(2, str(SCRIPTS / "no_bf16.py"), str(out), "model=tiny", *overrides)
+        return json.loads(out.read_text())["bf16_compute_ops"]
+
+    assert bf16_ops("experiment=kaggle_2xt4") == []
+    # the recorder has teeth: the default bf16 recipe computes in bfloat16 everywhere
+    assert len(bf16_ops()) > 5
