@@ -1,5 +1,6 @@
-"""Multi-node torchrun, on one machine: two torchrun agents ("nodes") meeting at a c10d rendezvous on 127.0.0.1,
-one process each (gloo). They must train exactly like one node with the same world size, in one run directory."""
+"""Beyond one machine, on one machine: two torchrun agents ("nodes") meeting at a c10d rendezvous on 127.0.0.1, one
+process each (gloo), started by hand (multi-node torchrun) or by a Slurm job (hydra/launcher=slurm, with stand-ins
+for sbatch/srun/sacct). They must train exactly like one node with the same world size, in one run directory."""
 
 from __future__ import annotations
 
@@ -13,9 +14,28 @@ import textwrap
 import time
 from pathlib import Path
 
-from conftest import ROOT, launch, metrics, summary
+import pytest
+
+from conftest import ROOT, SCRIPTS, launch, metrics, run_cmd, summary
 
 STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    """The reference: one node, 2 processes."""
+    run_dir = tmp_path_factory.mktemp("one-node") / "run"
+    launch("world_size=2", f"trainer.max_steps={STEPS}", f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def assert_same_losses(one_node: Path, two_nodes: Path) -> None:
+    a, b = [r["loss"] for r in metrics(one_node)], [r["loss"] for r in metrics(two_nodes)]
+    assert len(a) == len(b) == STEPS
+    # Same world size, same collectives (gloo, 2 ranks): the same arithmetic; the parity tests' bound (1e-5) still
+    # applies in case the transport ever reorders a reduction (measured: identical).
+    for step, (x, y) in enumerate(zip(a, b), 1):
+        assert abs(x - y) <= 1e-5, f"step {step}: {x} vs {y}"
 
 
 def free_port() -> int:
@@ -49,7 +69,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
     return out
 
 
-def test_two_nodes_train_like_one_node_in_one_run_dir(tmp_path):
+def test_two_nodes_train_like_one_node_in_one_run_dir(tmp_path, one_node):
     port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=qfsdp-test",
@@ -69,15 +89,44 @@ def test_two_nodes_train_like_one_node_in_one_run_dir(tmp_path):
     assert sum("results in" in text for _, text in results) == 1  # rank 0 alone reports
     leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
     assert not leftovers  # no half-built model left behind
+    assert_same_losses(one_node, two_nodes)
 
-    one_node = tmp_path / "one-node"
-    launch("world_size=2", f"trainer.max_steps={STEPS}", f"hydra.run.dir={one_node}")
-    a, b = [r["loss"] for r in metrics(one_node)], [r["loss"] for r in metrics(two_nodes)]
-    assert len(a) == len(b) == STEPS
-    # Same world size, same collectives (gloo, 2 ranks): the same arithmetic; the parity tests' bound (1e-5) still
-    # applies in case the transport ever reorders a reduction (measured: identical).
-    for step, (x, y) in enumerate(zip(a, b), 1):
-        assert abs(x - y) <= 1e-5, f"step {step}: {x} vs {y}"
+
+def test_slurm_job_on_two_nodes_trains_like_one_node(tmp_path, one_node):
+    """`python launch.py -m hydra/launcher=slurm hydra.launcher.nodes=2`: submitit submits the batch script, srun
+    starts the Hydra job (qfsdp's driver) on both "nodes", and each starts its node's torchrun agent from the
+    SLURM_* variables (qfsdp/slurm.py)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
+    subprocess.run([sys.executable, str(SCRIPTS / "fake_slurm.py"), "install", str(bin_dir), str(state)], check=True)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MASTER_PORT": str(free_port())}
+    try:
+        result = run_cmd([sys.executable, str(ROOT / "launch.py"), "-m", "hydra/launcher=slurm",
+                          "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=null", f"trainer.max_steps={STEPS}"],
+                         cwd=tmp_path, env=env, timeout=420)
+    finally:
+        pid = state / "4242.pid"
+        if pid.exists():  # the job runs in its own session: end it whatever happened
+            try:
+                os.killpg(int(pid.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    logs = sorted((tmp_path / "multirun_outputs").glob("*/*/.submitit/4242/*.out"))
+    detail = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)
+    assert result.returncode == 0, result.stderr[-3000:] + detail
+    # One sweep directory: the job, run by each node seconds after submission, resolved the same one as the
+    # submitting process (which created .submitit/ there).
+    sweeps = list((tmp_path / "multirun_outputs").glob("*/*"))
+    assert len(sweeps) == 1, sweeps
+    sweep = sweeps[0]
+    assert (sweep / ".submitit").is_dir()
+    job = sweep / "0"
+    s = summary(job)
+    assert s["world_size"] == 2 and len(s["quantized_bytes_per_rank"]) == 2
+    assert (job / ".hydra" / "config.yaml").is_file() and not (job / "status.json").exists()
+    node0, node1 = (sweep / ".submitit" / "4242" / f"4242_{t}_log.out" for t in (0, 1))
+    assert "results in" in node0.read_text() and "results in" not in node1.read_text(), detail  # node 0 reports
+    assert_same_losses(one_node, job)
 
 
 def test_concurrent_builders_build_once(tmp_path):

@@ -93,11 +93,11 @@ def test_node_drivers_other_than_node_0_write_nothing(monkeypatch):
     from qfsdp.rundir import _log_file, _output_subdir
 
     class Root:  # what the resolvers read from Hydra's config
-        class hydra:  # noqa: N801
-            class runtime:  # noqa: N801
+        class hydra:
+            class runtime:
                 output_dir = "/nonexistent/run"
 
-            class job:  # noqa: N801
+            class job:
                 name = "launch"
 
     monkeypatch.delenv("RANK", raising=False)
@@ -132,7 +132,7 @@ def test_slurm_launcher_renders_a_multi_node_batch_script(tmp_path):
                     env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode != 0 and "no cluster" in result.stdout + result.stderr
     script = capture.read_text()
-    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", script, re.M))
+    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", script, re.MULTILINE))
     assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "1"  # one qfsdp driver per node
     assert flags["gpus-per-node"] == "4" and flags["partition"] == "gpu" and flags["time"] == "90"
     assert flags["cpus-per-task"] == "32" and flags["job-name"] == "launch"
