@@ -74,7 +74,8 @@ def _rank0_value(name: str, value: str) -> str:
     store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                      timeout=timedelta(minutes=10))
     # Keyed by run and restart, so a restarted worker group agrees afresh.
-    key = f"qfsdp/{name}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"qfsdp/{name}/{run}/{restart}"
     if env_rank() == 0:
         store.set(key, value)
     return store.get(key).decode()  # waits until rank 0 has set it

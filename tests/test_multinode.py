@@ -151,3 +151,19 @@ def test_concurrent_builders_build_once(tmp_path):
     assert len((tmp_path / "builds.log").read_text().split()) == 1
     assert json.loads((tmp_path / "model" / "config.json").read_text()) == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "builds.log", "model"]
+
+
+def test_nodes_without_a_shared_store_are_told_to_name_the_run_dir(monkeypatch):
+    """With the agents' store not shared with workers, the ranks cannot agree on a directory by themselves: the
+    config fails to compose, saying what to do, rather than each node writing its own directory."""
+    from qfsdp import rundir
+
+    for key, value in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "RANK": "1",
+                       "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "False"}.items():
+        monkeypatch.setenv(key, value)
+    rundir._run_start.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="hydra.run.dir"):
+            rundir._now("%H-%M-%S")
+    finally:
+        rundir._run_start.cache_clear()
