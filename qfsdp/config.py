@@ -61,6 +61,10 @@ class FSDP2Config:
     offload: bool = False
     # Recompute each decoder layer's activations in backward (much less memory, ~1/3 more compute).
     activation_checkpointing: bool = True
+    # HSDP: number of replica groups. 1 = shard across all processes (FSDP); R > 1 = shard within groups of
+    # world_size / R processes and replicate across the R groups (e.g. R = nodes: all-gathers stay in a node, only
+    # the gradient all-reduce crosses nodes).
+    replicate: int = 1
 
 
 @dataclass
