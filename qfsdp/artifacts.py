@@ -83,17 +83,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 
 def plot_loss(run_dir: Path, rows: list[dict]) -> None:
-    import matplotlib
+    from qfsdp.plots import line_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
-    plt.close(fig)
+    line_plot(run_dir / "loss.png", [("loss", [r["step"] for r in rows], [r["loss"] for r in rows])],
+              xlabel="optimizer step", ylabel="training loss", title=run_dir.name, marker=".")

@@ -9,10 +9,7 @@ same run, peak memory per rank while loading and while training (allocated and r
 rank, per-step loss, wall time. Output in OUT: results.json, results.md (table + PASS/FAIL checks), loss.png,
 throughput.png, memory.png, bench.log.
 
-MFU's FLOPs per token (QLoRA, no recompute counted): 4 * N_linear + 12 * L * s * d, where N_linear is every
-projection and the head (forward 2N, backward input gradients 2N; frozen base weights get no weight gradients,
-LoRA's are negligible), and 12 * L * s * d the attention scores and values (forward and backward, no causal
-discount), for L layers, sequence length s, hidden size d.
+MFU's FLOPs per token: `qfsdp.flops.flops_per_token` (4 * N_linear + 12 * L * s * d, explained there).
 """
 
 from __future__ import annotations
@@ -26,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qfsdp.config import compose_config
+from qfsdp.flops import flops_per_token
 from qfsdp.metrics import steady_tokens_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,19 +154,6 @@ def matmul_ceiling() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
 
 
-def flops_per_token(preset: list[str]) -> float:
-    from qfsdp.config import ModelConfig, compose_config
-    from qfsdp.model import load_config
-
-    cfg = compose_config(preset)
-    c = load_config(ModelConfig(**cfg.model))
-    d, L, ff, V = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
-    kv = c.num_key_value_heads * (d // c.num_attention_heads)
-    n_linear = L * (2 * d * d + 2 * d * kv + 3 * d * ff) + d * V
-    s = cfg.dataset.seq_length if cfg.dataset.name == "synthetic" else cfg.trainer.max_length
-    return 4 * n_linear + 12 * L * s * d
-
-
 def report(out: Path, rows: list[dict], meta: dict) -> None:
     from qfsdp.bench_report import checks, plots, table
 
@@ -214,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         a.out.mkdir(parents=True, exist_ok=True)
         preset = PRESETS[a.preset]
         meta = {"preset": a.preset, "preset_overrides": preset, "ceiling": matmul_ceiling(),
-                "flops_per_token": flops_per_token(preset), "warmup_steps": WARMUP, "host": os.uname().nodename}
+                "flops_per_token": flops_per_token(compose_config(preset)), "warmup_steps": WARMUP,
+                "host": os.uname().nodename}
         rows = []
         with (a.out / "bench.log").open("a") as log:
             for name in names:

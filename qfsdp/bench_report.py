@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qfsdp import flops
+
 GIB = 2**30
 
 
@@ -119,7 +121,7 @@ def table(rows: list[dict], meta: dict, results) -> str:
                          + " |" * 8)
             continue
         s, ws, tps = row["summary"], row["world_size"], row["tokens_per_second"]
-        mfu = f"{tps / ws * fpt / (ceiling * 1e12):.1%}" if ceiling else "n/a"
+        mfu = f"{flops.mfu(tps, ws, fpt, ceiling):.1%}" if ceiling else "n/a"
         load = max(_mem(row, "load_memory", "peak_allocated_gib"))
         alloc = max(_mem(row, "memory", "peak_allocated_gib"))
         reserved = max(_mem(row, "memory", "peak_reserved_gib"))
@@ -134,35 +136,14 @@ def table(rows: list[dict], meta: dict, results) -> str:
 
 
 def plots(out: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qfsdp.plots import bar_plot, line_plot
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in ok:
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["name"], alpha=0.8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-
+    line_plot(out / "loss.png", [(r["name"], range(1, len(r["losses"]) + 1), r["losses"]) for r in ok],
+              xlabel="optimizer step", ylabel="loss")
     names = [r["name"] for r in ok]
-    for fname, values, ylabel in [
-        ("throughput.png", [r["tokens_per_second"] for r in ok], "tokens/s (all GPUs)"),
-        ("memory.png", [max(_mem(r, "memory", "peak_allocated_gib")) for r in ok], "peak GiB per GPU (train)"),
-    ]:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar(names, values)
-        ax.set_ylabel(ylabel)
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
-        ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
-        plt.close(fig)
+    bar_plot(out / "throughput.png", names, [r["tokens_per_second"] for r in ok], ylabel="tokens/s (all GPUs)")
+    bar_plot(out / "memory.png", names, [max(_mem(r, "memory", "peak_allocated_gib")) for r in ok],
+             ylabel="peak GiB per GPU (train)")

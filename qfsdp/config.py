@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -61,6 +61,10 @@ class FSDP2Config:
     offload: bool = False
     # Recompute each decoder layer's activations in backward (much less memory, ~1/3 more compute).
     activation_checkpointing: bool = True
+    # HSDP: number of replica groups. 1 = shard across all processes (FSDP); R > 1 = shard within groups of
+    # world_size / R processes and replicate across the R groups (e.g. R = nodes: all-gathers stay in a node, only
+    # the gradient all-reduce crosses nodes).
+    replicate: int = 1
 
 
 @dataclass
@@ -107,7 +111,9 @@ class TrainerConfig:
     max_length: Optional[int] = 256
     packing: bool = False
     dataloader_num_workers: int = 0
-    report_to: List[str] = field(default_factory=lambda: ["none"])
+    # "none", "tensorboard", "wandb" or a list of them, written into the run directory (see progress.py). Any:
+    # OmegaConf has no str-or-list type, and `trainer.report_to=tensorboard` must compose; transformers checks names.
+    report_to: Any = "none"
     disable_tqdm: bool = False
 
 

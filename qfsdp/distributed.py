@@ -19,7 +19,10 @@ def under_torchrun() -> bool:
 
 
 def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process' rank before any process group exists: torchrun's RANK in a worker; in a driver started by
+    Slurm on each node of a multi-node job (one task per node), its task rank, so that node 0's driver alone writes
+    the run directory's `.hydra/`, log and status."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 @dataclass
@@ -50,6 +53,22 @@ def init_distributed() -> Dist:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timedelta(minutes=30), **kwargs)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def data_parallel_mesh(device_type: str, world_size: int, replicate: int = 1):
+    """FSDP2's device mesh: 1-D ("fsdp",) when replicate == 1; 2-D ("replicate", "fsdp") for HSDP.
+
+    `fully_shard` reads a 2-D mesh as (replicate, shard): parameters are sharded along the last dimension, within
+    each group of world_size // replicate consecutive ranks, and replicated along the first. torchrun numbers ranks
+    node by node, so with replicate = nodes a shard group is one node.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size % replicate:
+        raise ValueError(f"fsdp2.replicate={replicate} does not divide world_size={world_size}")
+    if replicate == 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("fsdp",))
+    return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "fsdp"))
 
 
 def shutdown_and_exit(code: int = 0) -> None:

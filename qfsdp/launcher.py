@@ -2,6 +2,8 @@
 `torch.distributed.run` with the job's own process count (plain `python launch.py`, and every job of a sweep).
 
 Driver and workers share one run directory; the workers read the config the driver composed from `.hydra/`.
+Inside a Slurm job (hydra/launcher=slurm) a driver runs on every node and each starts that node's torchrun agent
+(qfsdp/slurm.py); node 0's driver alone writes the directory's status and reports.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qfsdp.distributed import under_torchrun
+from qfsdp.distributed import env_rank, under_torchrun
 from qfsdp.rundir import SUMMARY, finished_run_error, is_finished, write_status
+from qfsdp.slurm import SlurmJob
 from qfsdp.validate import ConfigError, Machine, validate
 
 
@@ -37,21 +40,26 @@ def run_job(cfg: DictConfig) -> None:
         print("qfsdp: error: a sweep (-m) cannot run inside torchrun; run `python launch.py -m ...` and qfsdp "
               "starts torchrun for each job with its own world_size", file=sys.stderr, flush=True)
         sys.exit(2)
+    main_driver = env_rank() == 0  # in a Slurm job: node 0's driver; under torchrun: rank 0
     try:
         if is_finished(run_dir):
             raise ConfigError(finished_run_error(run_dir))
-        world_size = validate(cfg, Machine.detect(), torchrun_world_size)
+        machine = Machine.detect()
+        slurm = None if torchrun_world_size is not None else SlurmJob.from_env(visible_gpus=machine.gpus)
+        world_size = validate(cfg, machine, torchrun_world_size, slurm)
         start = time.perf_counter()
         if torchrun_world_size is not None:
             _train_here(cfg, run_dir, start)
-        _start_workers(run_dir, world_size)
-        _report(run_dir, time.perf_counter() - start)
+        _start_workers(run_dir, world_size, slurm)
+        if main_driver:
+            _report(run_dir, time.perf_counter() - start)
     except (ConfigError, JobFailed) as e:
         print(f"qfsdp: error: {e}", file=sys.stderr, flush=True)
         if multirun:
-            write_status(run_dir, "failed", str(e))  # the sweep records it and goes on
+            if main_driver:
+                write_status(run_dir, "failed", str(e))  # the sweep records it and goes on
             return
-        if isinstance(e, ConfigError):
+        if isinstance(e, ConfigError) and main_driver:
             _remove_if_empty(run_dir)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 
@@ -73,17 +81,23 @@ def _train_here(cfg: DictConfig, run_dir: Path, start: float) -> None:
     shutdown_and_exit(0)
 
 
-def _start_workers(run_dir: Path, world_size: int) -> None:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-        # rank 0 alone talks to the console; a failing rank's error is collected below
+def torchrun_command(run_dir: Path, world_size: int, slurm: SlurmJob | None = None) -> list[str]:
+    """This node's torchrun: all `world_size` processes here, or this node's share of a Slurm job's."""
+    where = slurm.torchrun_args() if slurm else ["--standalone", f"--nproc_per_node={world_size}"]
+    return [
+        sys.executable, "-m", "torch.distributed.run", *where,
+        # local rank 0 alone talks to the console; a failing rank's error is collected below
         "--local-ranks-filter=0", "-m", "qfsdp.worker", str(run_dir),
     ]
+
+
+def _start_workers(run_dir: Path, world_size: int, slurm: SlurmJob | None = None) -> None:
+    cmd = torchrun_command(run_dir, world_size, slurm)
     for stale in run_dir.glob("error-rank*.txt"):
-        stale.unlink()
+        stale.unlink(missing_ok=True)  # every node's driver clears them, before any worker can start
     result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
-        errors = sorted(run_dir.glob("error-rank*.txt"))
+        errors = sorted(run_dir.glob("error-rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))  # root cause 1st
         detail = errors[0].read_text().strip() if errors else f"workers exited with code {result.returncode}"
         raise JobFailed(detail)
 

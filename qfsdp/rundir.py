@@ -2,7 +2,12 @@
 
 - All ranks of a torchrun job compose the config themselves, so the run directory must not depend on when each
   rank started: `${qfsdp_now:FORMAT}` is the start time of the torchrun agent (the ranks' common parent), and the
-  current time otherwise.
+  current time otherwise. With several agents (multi-node torchrun) each has its own start time: rank 0's is
+  shared with every rank through the rendezvous store, so all nodes name the same directory (which must be on a
+  file system they share).
+- The resolver caches its value in the config, and Hydra copies that cache into every job of a sweep: jobs that
+  hydra-submitit-launcher runs on Slurm nodes, long after submission, still resolve the sweep directory the
+  submitting process created.
 - Only rank 0 writes `.hydra/` and the log file (`${qfsdp_output_subdir:}`, `${qfsdp_log_file:}`), so ranks
   never garble them.
 - A directory holding `summary.json` holds a finished run: nothing is written there again (not even `.hydra/`).
@@ -10,10 +15,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -44,14 +50,39 @@ def _process_start_time(pid: int) -> float:
 _START = time.time()
 
 
+@functools.cache
+def _run_start() -> float:
+    if not under_torchrun():
+        return _START
+    try:
+        stamp = _process_start_time(os.getppid())
+    except (OSError, ValueError, IndexError):
+        stamp = _START
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:  # torchrun agents (nodes) in this job
+        stamp = _rank0_value("run_start", repr(stamp))
+    return float(stamp)
+
+
+def _rank0_value(name: str, value: str) -> str:
+    """Rank 0's `value`, on every rank, before any process group exists: through the TCP store the torchrun agents
+    share with their workers (the store `init_process_group` joins later)."""
+    from torch.distributed import TCPStore
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        raise RuntimeError("multi-node torchrun without a shared rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+                           "=1?): the nodes cannot agree on a run directory; give one with hydra.run.dir=...")
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(minutes=10))
+    # Keyed by run and restart, so a restarted worker group agrees afresh.
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"qfsdp/{name}/{run}/{restart}"
+    if env_rank() == 0:
+        store.set(key, value)
+    return store.get(key).decode()  # waits until rank 0 has set it
+
+
 def _now(fmt: str) -> str:
-    stamp = _START
-    if under_torchrun():
-        try:
-            stamp = _process_start_time(os.getppid())
-        except (OSError, ValueError, IndexError):
-            pass
-    return datetime.fromtimestamp(stamp).strftime(fmt)
+    return datetime.fromtimestamp(_run_start()).strftime(fmt)
 
 
 def _output_subdir(*, _root_) -> str | None:
@@ -70,7 +101,7 @@ def _log_file(*, _root_) -> str:
 
 
 def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("qfsdp_now", _now, replace=True)
+    OmegaConf.register_new_resolver("qfsdp_now", _now, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("qfsdp_output_subdir", _output_subdir, replace=True)
     OmegaConf.register_new_resolver("qfsdp_log_file", _log_file, replace=True)
 

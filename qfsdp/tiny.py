@@ -53,7 +53,11 @@ def tiny_model_path(name: str) -> Path:
 
 def build_once(path: Path, build) -> None:
     # Several processes may ask at once (every torchrun rank): local rank 0 builds aside and renames it into place,
-    # the other ranks of the node wait for it (a random 8B checkpoint is 16 GB: build it once).
+    # the other ranks of the node wait for it (a random 8B checkpoint is 16 GB: build it once). Several local rank
+    # 0s share one cache when torchrun agents (nodes) share a machine or a network file system: a file lock lets one
+    # build while the others wait and then find it built; the rename alone keeps the result whole if the lock does
+    # not hold (a file system without locks).
+    import fcntl
     import time
 
     import torch.distributed as dist
@@ -69,16 +73,23 @@ def build_once(path: Path, build) -> None:
         # transformers' save_pretrained writes nothing on ranks other than 0 once a process group exists.
         raise RuntimeError(f"{path} is not built yet: call qfsdp.model.prepare_checkpoint before init_process_group")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
-        build(tmp)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
         try:
-            tmp.rename(path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError:
-            if not path.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            pass  # no locking here: builders may duplicate work, the rename below still keeps one whole copy
+        if path.exists():
+            return  # another builder finished while this one waited for the lock
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        try:
+            build(tmp)
+            try:
+                tmp.rename(path)
+            except OSError:
+                if not path.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_tokenizer(out: Path) -> None:

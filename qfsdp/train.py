@@ -67,6 +67,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
     from qfsdp.data import load_train_dataset
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
+    from qfsdp.progress import attach
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -88,14 +89,15 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     args = sft_config(cfg, run_dir, d.world_size, use_cpu=d.device.type == "cpu")
     mesh = None
     if cfg.fsdp2.enabled:
-        from torch.distributed.device_mesh import init_device_mesh
+        from qfsdp.distributed import data_parallel_mesh
 
-        mesh = init_device_mesh(d.device.type, (d.world_size,), mesh_dim_names=("fsdp",))
-        hand_sharded_model_to_trainer(model, d.world_size)
+        mesh = data_parallel_mesh(d.device.type, d.world_size, cfg.fsdp2.replicate)
+        hand_sharded_model_to_trainer(model, d.world_size, replicate=cfg.fsdp2.replicate)
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
     callbacks = [callback, *profile_callbacks(cfg, run_dir, d)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=callbacks)
+    attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(
         model, mesh, d.device, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
@@ -124,16 +126,19 @@ def profile_callbacks(cfg: DictConfig, run_dir: Path, d: Dist) -> list:
     return [ProfileCallback(run_dir if d.is_main else None)] if cfg.profile else []
 
 
-def hand_sharded_model_to_trainer(model: torch.nn.Module, world_size: int) -> None:
+def hand_sharded_model_to_trainer(model: torch.nn.Module, world_size: int, replicate: int = 1) -> None:
     """Tell transformers' Trainer that this model shards itself with FSDP2, so it must not wrap it in DDP.
 
     Trainer (transformers >= 5.23) has a code path for models sharded with FSDP2 before it sees them (its own
     `from_pretrained(distributed_config=...)`): it skips Accelerate's DDP/FSDP wrapping, defers FSDP2 gradient
     reduction during accumulation, and gathers collectively on save. It keys that path on two attributes of the
     model; setting them is the one private hook qfsdp relies on (pinned by tests/test_trainer_hook.py).
+
+    With HSDP (`replicate` > 1) the sizes must describe the mesh: Trainer then defers only the all-reduce across
+    replicas during gradient accumulation (`set_requires_all_reduce(False)`), not the reduce-scatter within one.
     """
     from transformers.distributed.configuration_utils import DistributedConfig
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config.distributed_config = DistributedConfig(fsdp_size=world_size, dp_replicate_size=1)
+    base.config.distributed_config = DistributedConfig(fsdp_size=world_size // replicate, dp_replicate_size=replicate)
     base._is_distributed_loading_by_transformers = True

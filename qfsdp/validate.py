@@ -38,7 +38,9 @@ class Machine:
         return cls(gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
-def resolve_world_size(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None) -> int:
+def resolve_world_size(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None, slurm=None) -> int:
+    if slurm is not None:  # a qfsdp.slurm.SlurmJob: the allocation fixes the world size
+        return slurm.check_world_size(cfg.world_size)
     if torchrun_world_size is not None:
         if cfg.world_size is not None and cfg.world_size != torchrun_world_size:
             raise ConfigError(
@@ -58,9 +60,10 @@ def resolve_world_size(cfg: DictConfig, machine: Machine, torchrun_world_size: i
     return cfg.world_size
 
 
-def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None = None) -> int:
-    """Run every pre-load check; return the world size the job will use."""
-    world_size = resolve_world_size(cfg, machine, torchrun_world_size)
+def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None = None, slurm=None) -> int:
+    """Run every pre-load check; return the world size the job will use (`slurm`: the qfsdp.slurm.SlurmJob this
+    driver runs in, if any)."""
+    world_size = resolve_world_size(cfg, machine, torchrun_world_size, slurm)
     _check_precision(cfg, machine)
     _check_parallelism(cfg, world_size)
     _check_batch(cfg, world_size)
@@ -97,6 +100,15 @@ def _check_parallelism(cfg: DictConfig, world_size: int) -> None:
     if not cfg.fsdp2.enabled and world_size > 1:
         raise ConfigError(f"fsdp2=off runs one unsharded process but world_size={world_size}; "
                           f"use world_size=1, or fsdp2=default to shard")
+    replicate = cfg.fsdp2.replicate
+    if replicate < 1:
+        raise ConfigError(f"fsdp2.replicate={replicate} must be at least 1 (1 = plain FSDP, no replica groups)")
+    if replicate > 1 and (not cfg.fsdp2.enabled or world_size % replicate):
+        divisors = [r for r in range(1, world_size + 1) if world_size % r == 0]
+        raise ConfigError(
+            f"fsdp2.replicate={replicate} needs world_size to be a multiple of it (HSDP shards within groups of "
+            f"world_size / replicate processes) but world_size={world_size}; use fsdp2.replicate="
+            f"{' or '.join(map(str, divisors))}, or a world_size that is a multiple of {replicate}")
     if cfg.quant.enabled and not cfg.lora.enabled:
         raise ConfigError("lora=none (full fine-tuning) cannot train 4-bit weights; add quant=none")
 

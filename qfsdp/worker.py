@@ -23,10 +23,12 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
 
     from qfsdp.distributed import check_same_on_all_ranks, init_distributed
     from qfsdp.model import load_tokenizer, prepare_checkpoint
+    from qfsdp.progress import quiet_library_progress_bars
     from qfsdp.train import run_training
     from qfsdp.validate import check_precision_on_device
 
     check_precision_on_device(cfg.precision.dtype)
+    quiet_library_progress_bars()  # the training bar stays the only one
     if cfg.deterministic:
         # cuBLAS reads this when its first handle is created, so it is set before any GPU work.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -97,6 +97,23 @@ def test_full_finetune_needs_unquantized_base():
     assert "quant=none" in _error("lora=none")
 
 
+def test_hsdp_replicas_must_divide_world_size():
+    assert validate(_cfg("fsdp2=hsdp", "world_size=4"), CPU) == 4
+    msg = _error("fsdp2=hsdp", "world_size=3", "trainer.global_batch_size=6")
+    assert "fsdp2.replicate=2" in msg and "world_size=3" in msg and "fsdp2.replicate=1 or 3" in msg
+    assert "at least 1" in _error("fsdp2.replicate=0", "world_size=2")
+    msg = _error("fsdp2=hsdp", "fsdp2.replicate=4", machine=Machine(gpus=2))  # world_size null = 2 GPUs
+    assert "world_size=2" in msg and "fsdp2.replicate=1 or 2" in msg
+
+
+def test_cli_hsdp_bad_world_size_fails_before_load(tmp_path):
+    started = time.monotonic()
+    run_dir = tmp_path / "run"
+    result = launch("fsdp2=hsdp", "world_size=3", "trainer.global_batch_size=6", f"hydra.run.dir={run_dir}",
+                    check=False)
+    _assert_fast_clean_failure(result, run_dir, "fsdp2.replicate=2", "world_size=3", started=started)
+
+
 def _assert_fast_clean_failure(result, run_dir, *needles, started):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("qfsdp: error:")]

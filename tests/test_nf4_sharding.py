@@ -49,3 +49,30 @@ def test_regression_check_has_teeth_on_avx512_bf16_cpus(results):
 
 def test_rank_dependent_lora_init_is_caught(results):
     assert all(r["rank_dependent_init_caught"] for r in results)
+
+
+@pytest.fixture(scope="module")
+def hsdp_results(tmp_path_factory):
+    """HSDP: 4 processes on a (replicate=2, shard=2) mesh, as fsdp2=hsdp builds it."""
+    path = tmp_path_factory.mktemp("nf4-hsdp") / "results.json"
+    torchrun(4, str(SCRIPTS / "nf4_sharding.py"), str(path), "2", timeout=600)
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+def test_hsdp_gathers_over_the_shard_dim_bit_for_bit(hsdp_results, storage):
+    assert len(hsdp_results) == 4
+    for r in (rank[storage] for rank in hsdp_results):
+        assert r["logits_equal"] and r["grads_equal"] and r["n_grads"] > 0
+        assert r["bytes_equal"] and r["quant_state_kept"] and r["sharded_local_is_nf4"]
+
+
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+def test_hsdp_rank_holds_total_over_shard_size(hsdp_results, storage):
+    """Each rank holds 1/2 of the packed bytes (shard size 2), not 1/4: the replica groups each hold a copy.
+    Ranks 0,1 form one shard group and 2,3 the other (torchrun numbers ranks node by node)."""
+    total = hsdp_results[0][storage]["total_bytes"]
+    per_rank = [r[storage]["rank_bytes"] for r in hsdp_results]
+    assert per_rank[0] + per_rank[1] == total and per_rank[2] + per_rank[3] == total
+    for b in per_rank:
+        assert abs(b - total / 2) <= 0.01 * total

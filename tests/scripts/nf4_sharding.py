@@ -1,4 +1,8 @@
-"""Run under torchrun (2 ranks, gloo): sharded vs unsharded 4-bit model, compared exactly. Writes JSON to argv[1]."""
+"""Run under torchrun (gloo): sharded vs unsharded 4-bit model, compared exactly. Writes JSON to argv[1].
+
+argv[2] (optional, default 1): HSDP replica groups; the mesh is then (replicate, world_size / replicate), as
+`fsdp2=hsdp` builds it.
+"""
 
 import json
 import sys
@@ -6,16 +10,21 @@ import sys
 import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from qfsdp.config import LoraConfig, ModelConfig, QuantConfig
-from qfsdp.distributed import check_trainable_same_on_all_ranks, init_distributed, shutdown_and_exit
+from qfsdp.distributed import (
+    check_trainable_same_on_all_ranks,
+    data_parallel_mesh,
+    init_distributed,
+    shutdown_and_exit,
+)
 from qfsdp.model import attach_lora, load_model, prepare_checkpoint
 from qfsdp.nf4 import NF4Weight, packed_bytes
 from qfsdp.shard import parallelize, quantized_bytes
 
 prepare_checkpoint(ModelConfig(path="tiny"), torch.float32)  # before the process group (see tiny.py)
 d = init_distributed()
+replicate = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 out = {}
 
 
@@ -48,7 +57,7 @@ for storage in ("uint8", "bfloat16"):
     parallelize(ref, None, d.device, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
                 reshard_after_forward=True, cpu_offload=False)
     total = quantized_bytes(ref)
-    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mesh = data_parallel_mesh(d.device.type, d.world_size, replicate)
     parallelize(sharded, mesh, d.device, param_dtype=torch.float32, activation_checkpointing=True, compile=False,
                 reshard_after_forward=True, cpu_offload=False)
     ref_logits, ref_grads = loss_and_grads(ref)

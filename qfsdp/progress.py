@@ -1,0 +1,141 @@
+"""Watching a run: rank 0 shows one progress bar with loss, tokens/s and peak memory, writes the same figures one
+line per logged step into the run's one log file, and TensorBoard / wandb (`trainer.report_to=...`) write inside the
+run directory. Other ranks print nothing (the launcher filters their output); their errors reach the console and a
+sweep's summary through error-rank*.txt (see worker.record_error and report.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from transformers.trainer_callback import (
+    PrinterCallback,
+    ProgressCallback,
+    TrainerCallback,
+)
+
+from qfsdp.metrics import MetricsCallback
+
+
+def run_log_path(run_dir: Path) -> Path | None:
+    """The run's one log file: the one Hydra opened for rank 0 at job start (`<job name>.log`, see rundir.py).
+
+    None when Hydra writes no log (e.g. `hydra/job_logging=disabled`): qfsdp then writes none either, rather than a
+    second file of its own.
+    """
+    logs = sorted(Path(run_dir).glob("*.log"))
+    return logs[0] if logs else None
+
+
+def append_to_run_log(run_dir: Path, message: str, level: str = "INFO") -> None:
+    """One line in the run's log file, in Hydra's format.
+
+    Opened per line in append mode, as Hydra's own handler is: the driver and rank 0 (separate processes) both write
+    there, and a sweep's driver goes through many run directories, so no handler is kept open.
+    """
+    path = run_log_path(run_dir)
+    if path is None:
+        return
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+    with path.open("a") as f:
+        f.write(f"[{stamp}][qfsdp][{level}] - {message}\n")
+
+
+def step_figures(row: dict) -> dict[str, str]:
+    """The figures shown for one metrics.jsonl row: loss, tokens/s (all ranks together), peak memory of the
+    fullest rank (GPU allocated, or process RSS on CPU)."""
+    return {"loss": f"{row['loss']:.4f}", "tokens/s": f"{row['tokens_per_second']:,.0f}",
+            "peak": f"{max(row['peak_memory_gib']):.2f}GiB"}
+
+
+class ProgressBar(ProgressCallback):
+    """transformers' training bar on rank 0, with the last step's figures as its postfix instead of the log dict
+    ProgressCallback prints under it every step; with `trainer.disable_tqdm=true`, one printed line per step instead
+    of a bar (for log-file consoles). Every logged step also goes to the run's log file.
+
+    Reads the figures MetricsCallback computed for the same step (it must run first: attach() orders them).
+    """
+
+    def __init__(self, metrics: MetricsCallback, run_dir: Path | None):
+        super().__init__()
+        self.metrics = metrics
+        self.run_dir = run_dir  # None on ranks other than 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.disable_tqdm:
+            self.current_step = 0
+        else:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        rows = self.metrics.rows
+        if not state.is_world_process_zero or not rows or rows[-1]["step"] != state.global_step \
+                or "loss" not in (logs or {}):
+            return  # not a training step's log (e.g. the final train_runtime summary)
+        figures = step_figures(rows[-1])
+        text = ", ".join(f"{k}={v}" for k, v in figures.items())
+        if self.training_bar is not None:
+            self.training_bar.set_postfix_str(text)
+        else:
+            print(f"step {state.global_step}/{state.max_steps}: {text}", flush=True)
+        if self.run_dir is not None:
+            append_to_run_log(self.run_dir, f"step {state.global_step}/{state.max_steps}: {text}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+
+class FinishWandb(TrainerCallback):
+    """Close the wandb run when training ends. wandb flushes its run at interpreter exit, which qfsdp's workers skip
+    (distributed.shutdown_and_exit): without this, an offline run directory holds a header and no data."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import wandb
+
+        if state.is_world_process_zero and wandb.run is not None:
+            wandb.finish()
+
+
+def attach(trainer, metrics: MetricsCallback, run_dir: Path) -> None:
+    """Set up what a running Trainer shows and where its loggers write (train.py calls it once the Trainer exists).
+
+    - ProgressBar replaces transformers' ProgressCallback (or PrinterCallback), after MetricsCallback in the list;
+    - TensorBoard writes to RUN_DIR/tensorboard (not RUN_DIR/trainer/runs/<date>_<host>), so `tensorboard --logdir`
+      on a sweep lists each job by its directory; TENSORBOARD_LOGGING_DIR still wins;
+    - wandb keeps its files (the whole run, in offline mode) in RUN_DIR/wandb rather than ./wandb, under project
+      "qfsdp", and its run is closed at the end of training; WANDB_DIR and WANDB_PROJECT still win. Whether it
+      syncs is wandb's own setting (WANDB_MODE).
+    """
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+
+    for cls in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cls)
+    trainer.add_callback(ProgressBar(metrics, run_dir if metrics.d.is_main else None))
+    for cb in list(trainer.callback_handler.callbacks):
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
+            cb.logging_dir = str(Path(run_dir).resolve() / "tensorboard")
+        if isinstance(cb, WandbCallback):
+            trainer.add_callback(FinishWandb())  # after WandbCallback, which logs until its own on_train_end
+    os.environ.setdefault("WANDB_DIR", str(Path(run_dir).resolve()))
+    os.environ.setdefault("WANDB_PROJECT", "qfsdp")
+
+
+def quiet_library_progress_bars() -> None:
+    """Keep the training bar the only one: datasets' map bars (TRL tokenizes in 4 passes) and transformers' weight
+    loading bar are switched off. Hub downloads keep theirs (huggingface_hub): minutes without feedback would be
+    worse than a second bar."""
+    import datasets
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()  # transformers switched the hub's off too
