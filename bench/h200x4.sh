@@ -8,9 +8,9 @@ set -euo pipefail
 part=${1:?usage: bash bench/h200x4.sh 1|2 OUT}
 out=${2:?usage: bash bench/h200x4.sh 1|2 OUT}
 case $part in
-  1) bash bench/gpu.sh "$out" 0:stock-1,qfsdp-1,qfsdp-1-det,kaggle-1 \
+  1) bash bench/gpu.sh "$out" 0:stock-1,qfsdp-1,qfsdp-1-det \
        1,2:qfsdp-2,qfsdp-2-det,qfsdp-2-offload-det,qfsdp-2-compile-det 3:qfsdp-1-fp16,qfsdp-1-noac ;;
-  2) bash bench/gpu.sh "$out" 0,1:kaggle-2,qfsdp-2-fp16,stock-2-ddp 2,3:qfsdp-2-offload,qfsdp-2-compile \
+  2) bash bench/gpu.sh "$out" 0:kaggle-1 1,2:kaggle-2 3:qfsdp-1-offload \
        all:qfsdp-4-det,qfsdp-4 ;;
   *) echo "part must be 1 or 2" >&2; exit 2 ;;
 esac

@@ -178,17 +178,22 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--rows", required=True)
     m = sub.add_parser("report")
     m.add_argument("out", type=Path, help="where to write the merged report")
-    m.add_argument("sources", type=Path, nargs="+", help="directories holding results.json (first wins per row)")
+    m.add_argument("sources", type=Path, nargs="+",
+                   help="directories holding results.json (per row: the first that finished wins)")
     a = p.parse_args(argv)
 
     if a.cmd == "prepare":
         prepare([n for n in a.rows.split(",") if n], PRESETS[a.preset])
     elif a.cmd == "report":
-        rows, meta = [], {}
+        by_name, meta = {}, {}
         for d in a.sources:
             data = json.loads((d / "results.json").read_text())
             meta = meta or data["meta"]
-            rows += [row for row in data["rows"] if row["name"] not in {x["name"] for x in rows}]
+            for row in data["rows"]:
+                # first source wins, but a finished row beats one that failed or was cut off elsewhere
+                if row["name"] not in by_name or (by_name[row["name"]]["status"] != "ok" and row["status"] == "ok"):
+                    by_name[row["name"]] = row
+        rows = list(by_name.values())
         a.out.mkdir(parents=True, exist_ok=True)
         report(a.out, rows, meta)
         print((a.out / "results.md").read_text())

@@ -141,8 +141,17 @@ def plots(out: Path, rows: list[dict]) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return
-    line_plot(out / "loss.png", [(r["name"], range(1, len(r["losses"]) + 1), r["losses"]) for r in ok],
+    def curves(rows):
+        return [(r["name"], range(1, len(r["losses"]) + 1), r["losses"]) for r in rows]
+
+    # Rows of the preset share data and model, so their curves overlay; an experiment (kaggle-*) trains on other
+    # data, so its curves get their own plot.
+    line_plot(out / "loss.png", curves([r for r in ok if not r["name"].startswith("kaggle")]),
               xlabel="optimizer step", ylabel="loss")
+    kaggle = [r for r in ok if r["name"].startswith("kaggle")]
+    if kaggle:
+        line_plot(out / "loss_kaggle.png", curves(kaggle), xlabel="optimizer step", ylabel="loss",
+                  title="experiment=kaggle_2xt4: 1 vs 2 GPUs")
     names = [r["name"] for r in ok]
     bar_plot(out / "throughput.png", names, [r["tokens_per_second"] for r in ok], ylabel="tokens/s (all GPUs)")
     bar_plot(out / "memory.png", names, [max(_mem(r, "memory", "peak_allocated_gib")) for r in ok],
