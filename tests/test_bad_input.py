@@ -97,6 +97,10 @@ def test_full_finetune_needs_unquantized_base():
     assert "quant=none" in _error("lora=none")
 
 
+def test_gpu_memory_limit_must_be_positive():
+    assert "gpu_memory_limit_gib=0" in _error("gpu_memory_limit_gib=0")
+
+
 def test_hsdp_replicas_must_divide_world_size():
     assert validate(_cfg("fsdp2=hsdp", "world_size=4"), CPU) == 4
     msg = _error("fsdp2=hsdp", "world_size=3", "trainer.global_batch_size=6")

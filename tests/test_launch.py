@@ -76,9 +76,13 @@ def test_finished_run_is_never_overwritten(demo):
 
 def test_two_processes_offload_compile(tmp_path):
     run_dir = tmp_path / "run"
-    result = launch("world_size=2", "fsdp2=offload", "compile=true", "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
-    assert_finished_run(run_dir, world_size=2, steps=3)
+    result = launch("world_size=2", "fsdp2=offload", "compile=true", "profile=true", "trainer.max_steps=5",
+                    f"hydra.run.dir={run_dir}")
+    assert_finished_run(run_dir, world_size=2, steps=5)
     assert "results in" in result.stdout
+    # profile=true: rank 0 profiled optimizer steps 4-5
+    profile = (run_dir / "profile.txt").read_text()
+    assert profile.startswith("optimizer steps 4-5: wall") and "aten::mm" in profile
 
 
 def test_torchrun_shares_one_run_dir(tmp_path):
