@@ -5,15 +5,16 @@
 working because `Linear4bit.forward` re-attaches the module's copy. `NF4Weight` is a small tensor subclass that
 holds the packed bytes *and* their quant state, and implements FSDP2's all-gather extension points:
 
-- `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the packed bytes, always as uint8 (byte-exact, whatever
-  the storage dtype: FSDP2 never casts the packed data, and NaN bit patterns in float storage cannot be touched);
+- `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the packed bytes as integers of the storage's width
+  (byte-exact whatever the storage dtype: FSDP2 never casts the packed data, and NaN bit patterns in float storage
+  cannot be touched);
 - `fsdp_post_all_gather` hands the gathered bytes to compute as a plain tensor, which `attach_quant_states`
   gives the same quant state: the weight used for compute is bit-identical to the unsharded one, and bitsandbytes'
   kernels run on it without this subclass's Python dispatch.
 
 Every other op on an `NF4Weight` runs on the packed bytes. Ops that only move, view or copy bytes (the ones FSDP2
-uses to chunk, pad and offload a parameter) return an `NF4Weight` again; anything else (bitsandbytes' dequantize
-and matmul kernels) receives the plain bytes and returns plain tensors.
+uses to chunk, pad and offload a parameter) return an `NF4Weight` again; anything else (bitsandbytes' kernels, on
+the unsharded `fsdp2=off` path) receives the plain bytes and returns plain tensors.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ _BYTE_PRESERVING_OPS = {
     aten.cat.default,
     aten.constant_pad_nd.default,
 }
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 class NF4Weight(torch.Tensor):
@@ -114,7 +118,9 @@ class NF4Weight(torch.Tensor):
         if local.size(0) < padded_rows:
             pad = local.new_zeros((padded_rows - local.size(0), *local.shape[1:]))
             local = torch.cat([local, pad])
-        return (local.contiguous().view(torch.uint8),), (self.packed.dtype,)
+        # Gathered as integers of the storage's width: bytes move exactly (no float semantics, NaN patterns
+        # included), and the shape stays the one FSDP2 checks padded shards against.
+        return (local.contiguous().view(_SAME_WIDTH_INT[local.element_size()]),), (self.packed.dtype,)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         (gathered,) = all_gather_outputs
