@@ -15,6 +15,9 @@
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT GPUS:ROWS [GPUS:ROWS...]}
 shift
+for lane in "$@"; do
+  [[ $lane == *:* ]] || { echo "bench/gpu.sh: lane '$lane' is not GPUS:ROWS (e.g. 0,1:qfsdp-2,qfsdp-2-det)" >&2; exit 2; }
+done
 stop_at=$(( $(date +%s) + ${BENCH_SECONDS:-540} ))
 mkdir -p "$out" /tmp/qfsdp-lanes
 . bench/gpu_env.sh

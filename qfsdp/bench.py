@@ -3,6 +3,10 @@
 
     python -m qfsdp.bench run OUT [--preset llama8b|tiny] [--rows NAME,NAME...]   # run rows, write the report
     python -m qfsdp.bench report OUT SRC [SRC...]                                  # merge runs, redo report + checks
+    python -m qfsdp.bench prepare --rows NAME,NAME...     # build the rows' checkpoints first (before parallel lanes)
+
+`run --stop-at EPOCH` starts no row within 60 s of EPOCH and cuts a running row there (device calls have a hard
+time limit; bench/gpu.sh sets it). On GPU hosts, bench/gpu.sh runs lanes of rows side by side on disjoint GPUs.
 
 Per row: steady-state tokens/s (first `WARMUP` steps excluded), MFU against a bf16 matmul ceiling measured in the
 same run, peak memory per rank while loading and while training (allocated and reserved), quantized bytes per
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +31,7 @@ from pathlib import Path
 from qfsdp.config import compose_config
 from qfsdp.flops import flops_per_token
 from qfsdp.metrics import steady_tokens_per_second
+from qfsdp.rundir import first_error
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3
@@ -96,10 +102,15 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> 
     log.write(f"\n=== {name}: {' '.join(cmd)}\n")
     log.flush()
     start = time.perf_counter()
+    # Its own process group, so a timeout stops torchrun's workers too: left running, they would hold the lane's
+    # GPUs under the next row.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, start_new_session=True)
     try:
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=_env(), cwd=ROOT)
-        error = None if result.returncode == 0 else f"exit code {result.returncode}"
+        returncode = proc.wait(timeout=timeout)
+        error = None if returncode == 0 else f"exit code {returncode}"
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         error = f"timed out after {timeout}s"
     row = {"name": name, "runner": runner, "world_size": world_size, "overrides": overrides,
            "command": " ".join(cmd[1:]), "wall_s": time.perf_counter() - start}
@@ -111,8 +122,7 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> 
         row["step_tokens_per_second"] = [r["tokens_per_second"] for r in rows]
         row["tokens_per_second"] = steady_tokens_per_second(rows, WARMUP)
     else:
-        errors = sorted(run_dir.glob("error-rank*.txt"))
-        row.update(status="failed", error=errors[0].read_text().strip() if errors else error)
+        row.update(status="failed", error=first_error(run_dir) or error)
     return row
 
 
@@ -125,7 +135,6 @@ def prepare(names: list[str], preset: list[str]) -> None:
     """Build every checkpoint and tokenizer the rows need, once, before rows run (possibly several at a time)."""
     import torch
 
-    from qfsdp.config import compose_config
     from qfsdp.model import load_tokenizer, prepare_checkpoint
 
     for name in names:

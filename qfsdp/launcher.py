@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qfsdp.distributed import env_rank, under_torchrun
-from qfsdp.rundir import SUMMARY, finished_run_error, is_finished, write_status
+from qfsdp.rundir import SUMMARY, finished_run_error, first_error, is_finished, write_status
 from qfsdp.slurm import SlurmJob
 from qfsdp.validate import ConfigError, Machine, validate
 
@@ -97,9 +97,7 @@ def _start_workers(run_dir: Path, world_size: int, slurm: SlurmJob | None = None
         stale.unlink(missing_ok=True)  # every node's driver clears them, before any worker can start
     result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
-        errors = sorted(run_dir.glob("error-rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))  # root cause 1st
-        detail = errors[0].read_text().strip() if errors else f"workers exited with code {result.returncode}"
-        raise JobFailed(detail)
+        raise JobFailed(first_error(run_dir) or f"workers exited with code {result.returncode}")
 
 
 def _report(run_dir: Path, seconds: float) -> None:

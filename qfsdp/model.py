@@ -106,24 +106,41 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: to
     is quantized on the GPU as it arrives and sharded before the next one comes. No GPU ever holds the whole model,
     which transformers' own 4-bit loading (quantize everything onto one device, then shard) cannot avoid.
     A checkpoint saved in 4-bit loads as saved: packed bytes in CPU memory, moved the same way.
+
+    Frozen weights load in the checkpoint's own dtype, so they stay memory-mapped (one copy in the page cache for all
+    processes of a host); `shard.parallelize` casts each layer to the compute dtype just before it moves. Loading in
+    the compute dtype would give every process a private converted copy (2 x 16 GB for 8B bf16 -> fp16 on 2 GPUs).
+    Trained weights (full fine-tuning) load as float32 master weights.
     """
     from transformers import AutoModelForCausalLM
 
-    storage_dtype = checkpoint_dtype(compute_dtype, full_finetune)
     path = prepare_checkpoint(model_cfg, compute_dtype, full_finetune)
     config = load_config(ModelConfig(path=path, trust_remote_code=model_cfg.trust_remote_code))
     prequantized = getattr(config, "quantization_config", None) is not None
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=storage_dtype,
+        dtype=checkpoint_dtype(compute_dtype, full_finetune) if full_finetune else "auto",
         device_map={"": "cpu"},
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
     )
     if quant_cfg.enabled and not prequantized:
         defer_4bit(model, bnb_config(quant_cfg, compute_dtype))
+    if prequantized:
+        compute_4bit_in(model, compute_dtype)
     model.config.use_cache = False
     return model
+
+
+def compute_4bit_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Dequantize a checkpoint saved in 4-bit to `precision`'s dtype, whatever compute dtype it was saved with
+    (pre-quantized hub checkpoints say bfloat16, which a T4 cannot compute in)."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.compute_dtype = dtype
+            m.weight.quant_state.dtype = dtype  # the dtype dequantize_4bit returns
 
 
 def defer_4bit(model: nn.Module, config) -> None:

@@ -157,8 +157,12 @@ def to_nf4_weight(module: bnb.nn.Linear4bit) -> None:
         packed = packed.view(-1).view(torch.bfloat16).view(-1, 1)
     module.weight = nn.Parameter(NF4Weight(packed, weight.quant_state), requires_grad=False)
     module.quant_state = weight.quant_state  # the gathered weight gets it from here (see attach_quant_states)
-    # Keep bitsandbytes' CPU path on the portable kernels: its AVX512-BF16 path repacks the weight in place during
-    # the first no-grad eval forward, after which training silently computes wrong LoRA gradients.
+    keep_portable_cpu_kernels(module)
+
+
+def keep_portable_cpu_kernels(module: bnb.nn.Linear4bit) -> None:
+    """Keep bitsandbytes' CPU path on the portable kernels: its AVX512-BF16 path repacks the weight in place during
+    the first no-grad eval forward, after which training silently computes wrong LoRA gradients."""
     module.support_avx512bf16_for_cpu = False
 
 

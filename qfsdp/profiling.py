@@ -33,9 +33,20 @@ class ProfileCallback(TrainerCallback):
             self.prof.__enter__()
             self.started = time.perf_counter()
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.path is not None and not self.path.exists():
+            if self.prof is not None:
+                self._write(state.global_step)  # the run ended inside the profiled steps
+            else:
+                self.path.write_text(f"no profile: the run ended after {state.global_step} optimizer steps, before "
+                                     f"step {FIRST_STEP} (profile=true needs trainer.max_steps >= "
+                                     f"{FIRST_STEP + STEPS - 1})\n")
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.prof is None or state.global_step != FIRST_STEP + STEPS - 1:
-            return
+        if self.prof is not None and state.global_step == FIRST_STEP + STEPS - 1:
+            self._write(state.global_step)
+
+    def _write(self, last_step: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.started
@@ -45,7 +56,7 @@ class ProfileCallback(TrainerCallback):
         # set, an upper bound when kernels overlap across streams.
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         lines = [
-            f"optimizer steps {FIRST_STEP}-{FIRST_STEP + STEPS - 1}: wall {wall:.3f} s, "
+            f"optimizer steps {FIRST_STEP}-{last_step}: wall {wall:.3f} s, "
             f"GPU kernels {gpu_us / 1e6:.3f} s ({gpu_us / 1e6 / wall:.0%} of wall)",
             "",
             "== by GPU time ==",

@@ -26,7 +26,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from qfsdp.rundir import STATUS, SUMMARY, write_status
+from qfsdp.distributed import env_rank
+from qfsdp.rundir import STATUS, SUMMARY, first_error, write_status
 
 FILES = ("summary.csv", "summary.md", "loss_curves.png", "throughput.png", "memory.png")
 COLUMNS = ("job", "overrides", "world_size", "status", "error", "steps", "final_loss", "max_abs_dloss",
@@ -95,12 +96,12 @@ def load_job(path: Path, name: str) -> Job:
     recorded = json.loads((path / STATUS).read_text()) if (path / STATUS).exists() else None
     # The first error file written is the root cause: a rank that fails makes the others fail after it (a peer's
     # "connection closed"). status.json holds the driver's error: a bad config, or the same rank line.
-    rank_errors = sorted(path.glob("error-rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    rank_error = first_error(path)
     if summary is not None:
         status, error = "ok", ""
-    elif rank_errors or recorded is not None:
+    elif rank_error or recorded is not None:
         status = (recorded or {}).get("status", "failed")
-        error = _first_line(rank_errors[0].read_text() if rank_errors else recorded.get("error") or "")
+        error = _first_line(rank_error or recorded.get("error") or "")
     else:
         status, error = "unfinished", f"no {SUMMARY} or {STATUS}: still running, or stopped without a trace"
     return Job(name, path, overrides, config, summary, rows, status, error)
@@ -297,8 +298,8 @@ class SweepReport(Callback):
 
         from qfsdp.progress import append_to_run_log
 
-        if config.hydra.mode != RunMode.MULTIRUN:
-            return
+        if config.hydra.mode != RunMode.MULTIRUN or env_rank() != 0:
+            return  # under Slurm every node's driver ends the job; node 0's writes, as for .hydra/ and the log
         run_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED and not (run_dir / SUMMARY).exists() \
                 and not (run_dir / STATUS).exists():

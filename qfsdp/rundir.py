@@ -30,6 +30,13 @@ SUMMARY = "summary.json"
 STATUS = "status.json"
 
 
+def first_error(run_dir: Path) -> str | None:
+    """The failing ranks' root cause: the first `error-rank*.txt` written (a rank that fails makes the others fail
+    after it, with a peer's "connection closed"); ties broken by name. None when no rank recorded an error."""
+    errors = sorted(run_dir.glob("error-rank*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return errors[0].read_text().strip() if errors else None
+
+
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / SUMMARY).exists()
 

@@ -1,9 +1,10 @@
 """Place and parallelize the model, in the order it must happen (as torchtitan does):
 
 1. activation checkpointing per decoder layer (transformers' own, non-reentrant);
-2. per decoder layer, one at a time: move it to the device (bitsandbytes quantizes its weights as they arrive),
-   make its packed 4-bit weights `NF4Weight`s (so FSDP2 shards and gathers them with their quant state),
-   `torch.compile` it, and `fully_shard` it, before the next layer comes;
+2. per decoder layer, one at a time: cast its frozen weights to the compute dtype, move it to the device
+   (bitsandbytes quantizes its weights as they arrive), make its packed 4-bit weights `NF4Weight`s (so FSDP2
+   shards and gathers them byte-exactly; compute receives the gathered bytes as plain tensors, given their quant
+   state by `attach_quant_states`), `torch.compile` it, and `fully_shard` it, before the next layer comes;
 3. the input embeddings as their own FSDP2 unit, the frozen head left whole on every GPU (see below), then the
    root (final norm, buffers).
 
@@ -20,7 +21,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from qfsdp.model import decoder_layers
-from qfsdp.nf4 import NF4Weight, attach_quant_states, packed_bytes, to_nf4_weight
+from qfsdp.nf4 import NF4Weight, attach_quant_states, keep_portable_cpu_kernels, packed_bytes, to_nf4_weight
 
 
 def parallelize(
@@ -39,14 +40,17 @@ def parallelize(
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    # transformers and Accelerate check a 4-bit model's recorded placement against the training device; the model
-    # was loaded into CPU memory and lives on `device` from here on.
+    # Accelerate refuses to train a 4-bit model whose recorded placement (`hf_device_map`) differs from the training
+    # device; the model was loaded into CPU memory and lives on `device` from here on.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.hf_device_map = {"": device.index if device.type == "cuda" else device.type}
 
     if mesh is None:
+        # Unsharded: bitsandbytes' own Params4bit as they are (an NF4Weight would only add Python dispatch).
+        cast_frozen(model, param_dtype)
         model.to(device)
-        _wrap_4bit(model)
+        for m in _linears_4bit(model):
+            keep_portable_cpu_kernels(m)
         for layer in layers if compile else []:
             layer.compile()
         return model
@@ -61,6 +65,7 @@ def parallelize(
     shard = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     for layer in layers:
         # This rank's GPU holds its shards so far plus one layer in full precision, never the whole model.
+        cast_frozen(layer, param_dtype)
         layer.to(device)
         _wrap_4bit(layer)
         if compile:
@@ -75,21 +80,36 @@ def parallelize(
     # Tied to the embedding, both are one weight and stay in the root.
     embed, head = _embeddings(model)
     if embed is not None:
+        cast_frozen(embed, param_dtype)
         fully_shard(embed.to(device), reshard_after_forward=True, **shard)
     ignored = set()
     if head is not None and not head.weight.requires_grad:
+        cast_frozen(head, param_dtype)
         head.to(device)
         ignored = {head.weight}
     # 4-bit layers outside the decoder layers, if the architecture has any; then the root, and fully_shard moves
     # what is left (final norm, rotary buffers) to the device.
     outside = [m for m in _linears_4bit(model) if not isinstance(m.weight, DTensor)]
     for m in outside:
+        cast_frozen(m, param_dtype)
         _wrap_4bit(m.to(device))
+    cast_frozen(model, param_dtype)  # what is left: final norm
     fully_shard(model, reshard_after_forward=False, ignored_params=ignored, **shard)
     if outside:
         attach_quant_states(model, outside)
     _check_4bit_shards(model)
     return model
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast `module`'s frozen floating-point weights to the compute dtype, in place, just before they move to the
+    device (see model.load_model: the checkpoint stays memory-mapped until then). Skips trained weights (float32
+    masters), packed 4-bit bytes and what is already sharded."""
+    for p in module.parameters():
+        packed = getattr(p, "bnb_quantized", False) or isinstance(p.data, NF4Weight)
+        if p.requires_grad or packed or isinstance(p, DTensor) or not p.is_floating_point() or p.dtype == dtype:
+            continue
+        p.data = p.data.to(dtype)
 
 
 def _linears_4bit(module: nn.Module) -> list[bnb.nn.Linear4bit]:
@@ -112,8 +132,8 @@ def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
 
 def _check_4bit_shards(model: nn.Module) -> None:
     """Every sharded 4-bit weight must still be an NF4Weight. If an op FSDP2 applied to it is missing from
-    nf4._BYTE_PRESERVING_OPS, the shard silently becomes plain bytes: bitsandbytes would then fall back to the
-    module's own quant state (and a float16 policy would cast the bytes)."""
+    nf4._BYTE_PRESERVING_OPS, the shard silently becomes plain data: FSDP2 would then gather it through its default
+    path, where a mixed-precision policy casts it (float storage numerically converted: garbage weights)."""
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight

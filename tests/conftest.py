@@ -57,3 +57,19 @@ def summary(run_dir: Path) -> dict:
 
 def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def save_prequantized_tiny(out: Path) -> Path:
+    """The tiny model saved in bitsandbytes 4-bit (NF4, double quant, bf16 compute), as hub `...-bnb-4bit`
+    checkpoints are: quantized from bf16 weights, as a bf16 run quantizes at load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from qfsdp.tiny import tiny_model_path
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny"), quantization_config=q,
+                                                 device_map={"": "cpu"}, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_path("tiny")).save_pretrained(out)
+    return out

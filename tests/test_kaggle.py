@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import SCRIPTS, launch, metrics, summary, torchrun
+from conftest import SCRIPTS, launch, metrics, save_prequantized_tiny, summary, torchrun
 from qfsdp.config import compose_config
 
 
@@ -40,5 +40,8 @@ def test_nothing_computes_in_bfloat16(tmp_path):
         return json.loads(out.read_text())["bf16_compute_ops"]
 
     assert bf16_ops("experiment=kaggle_2xt4") == []
+    # a checkpoint saved in 4-bit with bf16 compute (like the hub's -bnb-4bit ones) computes in fp16 too
+    ckpt = save_prequantized_tiny(tmp_path / "tiny-bnb-4bit")
+    assert bf16_ops("experiment=kaggle_2xt4", f"model.path={ckpt}") == []
     # the recorder has teeth: the default bf16 recipe computes in bfloat16 everywhere
     assert len(bf16_ops()) > 5

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from conftest import adapter_weights, launch, metrics, summary
+from conftest import adapter_weights, launch, metrics, save_prequantized_tiny, summary
 from qfsdp.config import ModelConfig, compose_config
 from qfsdp.model import load_config
 from qfsdp.validate import Machine, validate
@@ -26,18 +26,7 @@ def test_second_architecture_qwen2_one_vs_two(tmp_path):
 
 def test_prequantized_checkpoint_loads_and_trains(tmp_path):
     """A checkpoint saved already in bitsandbytes 4-bit (like unsloth/...-bnb-4bit) loads without re-quantizing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    from qfsdp.tiny import tiny_model_path
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    ckpt = tmp_path / "tiny-bnb-4bit"
-    # quantized from bf16 weights, as a bf16 run quantizes at load: the same bytes either way
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny"), quantization_config=q,
-                                                 device_map={"": "cpu"}, dtype=torch.bfloat16)
-    model.save_pretrained(ckpt)
-    AutoTokenizer.from_pretrained(tiny_model_path("tiny")).save_pretrained(ckpt)
+    ckpt = save_prequantized_tiny(tmp_path / "tiny-bnb-4bit")
     assert "quantization_config" in json.loads((ckpt / "config.json").read_text())
 
     fresh, pre = tmp_path / "fresh", tmp_path / "pre"
