@@ -139,7 +139,8 @@ def _check_4bit_shards(model: nn.Module) -> None:
             local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
             if not isinstance(local, NF4Weight):
                 raise RuntimeError(f"{name}.weight lost its NF4Weight wrapper during fully_shard "
-                                   f"(now {type(local).__name__}); an FSDP2 op is missing from nf4._BYTE_PRESERVING_OPS")
+                                   f"(now {type(local).__name__}); an FSDP2 op is missing from "
+                                   "nf4._BYTE_PRESERVING_OPS")
 
 
 def quantized_bytes(model: nn.Module) -> int:
