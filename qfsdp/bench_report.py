@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from qfsdp import flops
@@ -54,7 +55,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                         dloss_within(1.0)(r[one], r[many])[1]))
     for bf16, fp16 in [("qfsdp-1", "qfsdp-1-fp16"), ("qfsdp-2", "qfsdp-2-fp16")]:
         def fp16_ok(a, b):
-            finite = all(x == x and abs(x) != float("inf") for x in b["losses"])
+            finite = all(math.isfinite(x) for x in b["losses"])
             rel = abs(b["losses"][-1] - a["losses"][-1]) / abs(a["losses"][-1])
             return finite and rel <= 0.02, f"finite={finite}, final {b['losses'][-1]:.4f} vs bf16 " \
                                            f"{a['losses'][-1]:.4f} ({rel:.2%})"
@@ -80,7 +81,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     for name in ("kaggle-1", "kaggle-2"):
         check(f"{name}: peak memory per GPU < {kaggle_limit:.0f} GiB (load and train, reserved)", [name],
               lambda a: (max(_mem(a, "memory", "peak_reserved_gib") + _mem(a, "load_memory", "peak_reserved_gib"))
-                         < kaggle_limit and all(x == x for x in a["losses"]),
+                         < kaggle_limit and all(math.isfinite(x) for x in a["losses"]),
                          f"train {_fmt(_mem(a, 'memory', 'peak_reserved_gib'))}, load "
                          f"{_fmt(_mem(a, 'load_memory', 'peak_reserved_gib'))} GiB reserved; "
                          f"{len(a['losses'])} steps, finite losses"))

@@ -76,7 +76,7 @@ def _train_here(cfg: DictConfig, run_dir: Path, start: float) -> None:
     except Exception as e:
         record_error(run_dir, e)
         raise
-    if os.environ.get("RANK", "0") == "0":
+    if env_rank() == 0:
         _report(run_dir, time.perf_counter() - start)
     shutdown_and_exit(0)
 
