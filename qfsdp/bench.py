@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
             data = json.loads((d / "results.json").read_text())
             meta = meta or data["meta"]
             for row in data["rows"]:
+                # each row keeps the matmul ceiling measured in its own call (the MFU denominator)
+                row.setdefault("ceiling", data["meta"].get("ceiling"))
                 # first source wins, but a finished row beats one that failed or was cut off elsewhere
                 if row["name"] not in by_name or (by_name[row["name"]]["status"] != "ok" and row["status"] == "ok"):
                     by_name[row["name"]] = row

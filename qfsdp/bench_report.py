@@ -108,7 +108,8 @@ def table(rows: list[dict], meta: dict, results) -> str:
         f"Preset `{meta['preset']}`: {' '.join(meta['preset_overrides'])}",
         "",
         f"bf16 matmul ceiling: {f'{ceiling:.0f} TFLOP/s' if ceiling else 'n/a (no GPU)'} "
-        f"({(meta.get('ceiling') or {}).get('device', 'cpu')}); FLOPs/token {fpt:.3e}; "
+        f"({(meta.get('ceiling') or {}).get('device', 'cpu')}; merged reports: each row's own call's); "
+        f"FLOPs/token {fpt:.3e}; "
         f"tokens/s exclude the first {meta['warmup_steps']} steps.",
         "",
         "| row | status | GPUs | tokens/s | tokens/s/GPU | MFU | load peak GiB (alloc) | train peak GiB "
@@ -122,7 +123,9 @@ def table(rows: list[dict], meta: dict, results) -> str:
                          + " |" * 8)
             continue
         s, ws, tps = row["summary"], row["world_size"], row["tokens_per_second"]
-        mfu = f"{flops.mfu(tps, ws, fpt, ceiling):.1%}" if ceiling else "n/a"
+        row_ceiling = (row.get("ceiling") or {}).get("tflops", ceiling) if "ceiling" in row else ceiling
+        # FLOPs per token are the preset's (its sequence length): rows that run their own recipe get none
+        mfu = f"{flops.mfu(tps, ws, fpt, row_ceiling):.1%}" if row_ceiling and _uses_preset(row) else "n/a"
         load = max(_mem(row, "load_memory", "peak_allocated_gib"))
         alloc = max(_mem(row, "memory", "peak_allocated_gib"))
         reserved = max(_mem(row, "memory", "peak_reserved_gib"))
@@ -134,6 +137,13 @@ def table(rows: list[dict], meta: dict, results) -> str:
         label = "PASS" if ok else "FAIL" if ok is not None else "n/a" if detail.startswith("not run") else "info"
         lines.append(f"- {label} {name}: {detail}")
     return "\n".join(lines) + "\n"
+
+
+def _uses_preset(row: dict) -> bool:
+    from qfsdp.bench import ROWS
+
+    spec = ROWS.get(row["name"])
+    return spec is None or spec.preset
 
 
 def plots(out: Path, rows: list[dict]) -> None:
