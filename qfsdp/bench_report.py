@@ -90,6 +90,15 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     check("throughput: qfsdp 1 GPU >= stock recipe 1 GPU", ["qfsdp-1", "stock-1"],
           lambda a, b: (a["tokens_per_second"] >= b["tokens_per_second"],
                         f"{a['tokens_per_second']:.0f} vs {b['tokens_per_second']:.0f} tokens/s"))
+    check("throughput: qfsdp 1 GPU compile=true >= stock recipe 1 GPU", ["qfsdp-1-compile", "stock-1"],
+          lambda a, b: (a["tokens_per_second"] >= b["tokens_per_second"],
+                        f"{a['tokens_per_second']:.0f} vs {b['tokens_per_second']:.0f} tokens/s "
+                        f"({a['tokens_per_second'] / b['tokens_per_second']:.2f}x)"))
+    # Compiled layers must keep activation checkpointing's savings (shard.compile_inside).
+    check("memory: qfsdp 1 GPU compile=true train peak within 5% of eager", ["qfsdp-1", "qfsdp-1-compile"],
+          lambda a, b: (_mem(b, "memory", "peak_allocated_gib")[0] <= 1.05 * _mem(a, "memory", "peak_allocated_gib")[0],
+                        f"{_fmt(_mem(b, 'memory', 'peak_allocated_gib'))} vs "
+                        f"{_fmt(_mem(a, 'memory', 'peak_allocated_gib'))} GiB"))
     check("throughput: qfsdp 2 GPUs >= 1.9 x qfsdp 1 GPU", ["qfsdp-1", "qfsdp-2"],
           lambda a, b: (b["tokens_per_second"] >= 1.9 * a["tokens_per_second"],
                         f"{b['tokens_per_second']:.0f} vs 1.9 x {a['tokens_per_second']:.0f} tokens/s "

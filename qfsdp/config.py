@@ -108,6 +108,9 @@ class TrainerConfig:
     adam_epsilon: float = 1e-8
     optim: str = "adamw_torch"
     logging_steps: int = 1
+    # Off, unlike transformers' default: with it on, a NaN or inf loss is logged as the average of earlier losses
+    # (a diverged fp16 run would look healthy), and checking each micro-step's loss makes the CPU wait for the GPU.
+    logging_nan_inf_filter: bool = False
     max_length: Optional[int] = 256
     packing: bool = False
     dataloader_num_workers: int = 0

@@ -2,12 +2,19 @@
 
 The table answers "where does a step go": the top operators by GPU time and by CPU time, and how much of the
 profiled wall time the GPU was busy. A GPU busy well under 100% means the step is bound by Python/CPU work
-(kernel launches, hooks), not by the GPU.
+(kernel launches, hooks) or by the CPU waiting for the GPU, not by the GPU. On a GPU, `idle_gaps` says which: every
+stretch where no kernel or copy ran is charged to what the CPU was doing (waiting in a synchronizing call, or busy in
+the operator that launched the next kernel), and the trace itself is written as `trace.json.gz` (open it in
+https://ui.perfetto.dev).
 """
 
 from __future__ import annotations
 
+import bisect
+import gzip
+import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -64,5 +71,104 @@ class ProfileCallback(TrainerCallback):
             "== by CPU time ==",
             events.table(sort_by="self_cpu_time_total", row_limit=30),
         ]
+        if gpu_us:
+            trace = self.path.with_name("trace.json")
+            self.prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+            with gzip.open(self.path.with_name("trace.json.gz"), "wt") as f:
+                json.dump({"traceEvents": events}, f)
+            trace.unlink()
+            lines += ["== GPU idle: what the CPU was doing ==", idle_gaps(events)]
         self.path.write_text("\n".join(lines))
         self.prof = None
+
+
+GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+# Runtime calls during which the CPU waits for the GPU (`.item()`, `.cpu()`, `torch.cuda.synchronize()` end in one).
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+MIN_GAP_US = 5.0
+
+
+def idle_gaps(events: list[dict], top: int = 20) -> str:
+    """Charge every stretch of GPU idle time in a Kineto (chrome) trace to what the CPU was doing.
+
+    A gap is a time when no kernel, copy or memset ran on any stream. If a CPU thread of the launching process was
+    inside a synchronizing runtime call when the gap began, the gap is charged to that call's operators ("sync"):
+    the CPU waited for the GPU to drain, then the GPU waited for the CPU. Otherwise it is charged to the operators
+    around the launch of the kernel that ended the gap ("launch"): the CPU was too slow to feed the GPU. Each
+    context shows the innermost annotation (FSDP2's `FSDP::...`, record_function) and the innermost operators.
+    """
+    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["args"].get("correlation"))
+                 for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES)
+    if not gpu:
+        return "(no GPU activity in the trace)"
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    cpu = _CpuTimeline([e for e in events if e.get("ph") == "X" and e.get("cat") in
+                        ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")])
+    window = gpu[-1][1] - gpu[0][0]
+    busy_end, idle = gpu[0][1], 0.0
+    charged: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for start, end, corr in gpu[1:]:
+        gap = start - busy_end
+        if gap >= MIN_GAP_US:
+            idle += gap
+            cause = charged[_cause(cpu, launches.get(corr), busy_end)]
+            cause[0] += gap
+            cause[1] += 1
+        busy_end = max(busy_end, end)
+    lines = [f"GPU busy {1 - idle / window:.1%} of {window / 1e6:.3f} s; idle {idle / 1e6:.3f} s in gaps of "
+             f">= {MIN_GAP_US:.0f} us, charged to:",
+             f"{'idle ms':>9} {'gaps':>6}  kind    [annotation] innermost operators (outer < inner)"]
+    for (kind, where), (us, n) in sorted(charged.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{us / 1e3:9.1f} {n:6d}  {kind:6}  {where}")
+    return "\n".join(lines)
+
+
+def _cause(cpu: "_CpuTimeline", launch: dict | None, gap_start: float) -> tuple[str, str]:
+    if launch is None:
+        return "?", "launch not in the trace"
+    for tid in cpu.threads_of(launch["pid"]):
+        chain = cpu.chain(tid, gap_start)
+        if any(name in SYNC_CALLS for _, name in chain):
+            return "sync", _describe(chain)
+    return "launch", _describe(cpu.chain((launch["pid"], launch["tid"]), launch["ts"])[:-1])
+
+
+def _describe(chain: list[tuple[str, str]]) -> str:
+    notes = [name for cat, name in chain if cat == "user_annotation"]
+    ops = [name for cat, name in chain if cat != "user_annotation"][-3:]
+    return (f"[{notes[-1]}] " if notes else "") + " < ".join(ops or ["?"])
+
+
+class _CpuTimeline:
+    """Nested CPU events per thread: which events enclosed time t on a thread, outermost first."""
+
+    def __init__(self, events: list[dict]):
+        self.threads: dict[tuple, tuple[list[float], list[tuple]]] = {}
+        by_thread = defaultdict(list)
+        for e in events:
+            by_thread[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e.get("dur", 0), e["cat"], e["name"]))
+        for tid, evs in by_thread.items():
+            evs.sort(key=lambda x: (x[0], -x[1]))
+            nodes, stack = [], []  # (start, end, cat, name, parent index)
+            for start, end, cat, name in evs:
+                while stack and nodes[stack[-1]][1] < end:
+                    stack.pop()
+                nodes.append((start, end, cat, name, stack[-1] if stack else -1))
+                stack.append(len(nodes) - 1)
+            self.threads[tid] = ([n[0] for n in nodes], nodes)
+
+    def threads_of(self, pid) -> list[tuple]:
+        return [tid for tid in self.threads if tid[0] == pid]
+
+    def chain(self, tid: tuple, t: float) -> list[tuple[str, str]]:
+        starts, nodes = self.threads.get(tid, ([], []))
+        i = bisect.bisect_right(starts, t) - 1
+        while i >= 0 and nodes[i][1] < t:
+            i = nodes[i][4]
+        out = []
+        while i >= 0:
+            out.append((nodes[i][2], nodes[i][3]))
+            i = nodes[i][4]
+        return out[::-1]
