@@ -51,6 +51,12 @@ def apply_device_settings(cfg: DictConfig, device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+        # compile=true: keep eager's rounding of every bfloat16/float16 intermediate, which Inductor otherwise skips
+        # inside fused kernels (its documented switch for matching eager numerics). On CPU the compiled forward is
+        # then bit-identical to eager (tests/test_parity.py), so compile on vs off compares like with like.
+        import torch._inductor.config
+
+        torch._inductor.config.emulate_precision_casts = True
     if cfg.gpu_memory_limit_gib is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         # The caching allocator refuses allocations beyond this fraction: an out-of-memory error where a smaller
