@@ -9,8 +9,8 @@ set -euo pipefail
 part=${1:?usage: bash bench/h200x2.sh 1|2|3 OUT}
 out=${2:?usage: bash bench/h200x2.sh 1|2|3 OUT}
 case $part in
-  1) bash bench/gpu.sh "$out" 0:stock-1,qfsdp-1,qfsdp-1-det 1:qfsdp-1-fp16,qfsdp-1-noac,qfsdp-1-offload ;;
+  1) bash bench/gpu.sh "$out" 0:stock-1,qfsdp-1,qfsdp-1-compile 1:qfsdp-1-det,qfsdp-1-fp16,qfsdp-1-noac ;;
   2) bash bench/gpu.sh "$out" 0,1:qfsdp-2,qfsdp-2-det,qfsdp-2-offload-det,qfsdp-2-compile-det,stock-2-ddp ;;
-  3) bash bench/gpu.sh "$out" 0:kaggle-1 1:qfsdp-1-compile all:kaggle-2,qfsdp-2-fp16 ;;
+  3) bash bench/gpu.sh "$out" 0:kaggle-1 1:qfsdp-1-offload all:kaggle-2,qfsdp-2-fp16 ;;
   *) echo "part must be 1, 2 or 3" >&2; exit 2 ;;
 esac

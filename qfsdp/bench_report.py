@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from qfsdp import flops
+from qfsdp.report import max_loss_gap
 
 GIB = 2**30
 
@@ -20,7 +21,7 @@ def _mem(row, phase: str, key: str) -> list[float]:
 
 
 def _max_dloss(a, b) -> float:
-    return max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+    return max_loss_gap(dict(enumerate(a["losses"], 1)), dict(enumerate(b["losses"], 1)))
 
 
 def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:

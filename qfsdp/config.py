@@ -129,7 +129,7 @@ class Config:
     precision: PrecisionConfig = MISSING
     dataset: DatasetConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # Compile each decoder layer with torch.compile (slower start, faster steps).
+    # torch.compile each decoder layer (with activation checkpointing: its attention, MLP and norms) (shard.py).
     compile: bool = False
     seed: int = 42
     # Processes (GPUs, or CPU processes when there is no GPU). null = every visible GPU, or 1 without GPUs.

@@ -71,19 +71,23 @@ class ProfileCallback(TrainerCallback):
             "== by CPU time ==",
             events.table(sort_by="self_cpu_time_total", row_limit=30),
         ]
-        if gpu_us:
-            trace = self.path.with_name("trace.json")
-            self.prof.export_chrome_trace(str(trace))
-            events = json.loads(trace.read_text())["traceEvents"]
-            with gzip.open(self.path.with_name("trace.json.gz"), "wt") as f:
-                json.dump({"traceEvents": events}, f)
-            trace.unlink()
-            lines += ["== GPU idle: what the CPU was doing ==", idle_gaps(events)]
         self.path.write_text("\n".join(lines))
+        if gpu_us:
+            # torch gzips a trace whose name ends in .gz (metadata included); read back for the idle table.
+            trace = self.path.with_name("trace.json.gz")
+            self.prof.export_chrome_trace(str(trace))
+            try:
+                with gzip.open(trace, "rt") as f:
+                    table = idle_gaps(json.load(f)["traceEvents"])
+            except Exception as e:  # a trace this code does not understand must not stop training
+                table = f"(could not analyse {trace.name}: {type(e).__name__}: {e})"
+            lines += ["== GPU idle: what the CPU was doing ==", table]
+            self.path.write_text("\n".join(lines))
         self.prof = None
 
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+RUNTIME_CATEGORIES = ("cuda_runtime", "cuda_driver")
 # Runtime calls during which the CPU waits for the GPU (`.item()`, `.cpu()`, `torch.cuda.synchronize()` end in one).
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 MIN_GAP_US = 5.0
@@ -92,21 +96,23 @@ MIN_GAP_US = 5.0
 def idle_gaps(events: list[dict], top: int = 20) -> str:
     """Charge every stretch of GPU idle time in a Kineto (chrome) trace to what the CPU was doing.
 
-    A gap is a time when no kernel, copy or memset ran on any stream. If a CPU thread of the launching process was
-    inside a synchronizing runtime call when the gap began, the gap is charged to that call's operators ("sync"):
-    the CPU waited for the GPU to drain, then the GPU waited for the CPU. Otherwise it is charged to the operators
-    around the launch of the kernel that ended the gap ("launch"): the CPU was too slow to feed the GPU. Each
-    context shows the innermost annotation (FSDP2's `FSDP::...`, record_function) and the innermost operators.
+    A gap is a time when no kernel, copy or memset ran on any stream. It is charged to, in this order:
+    - "sync": a CPU thread of the launching process was inside a synchronizing runtime call when the gap began (the
+      CPU waited for the GPU to drain, then the GPU waited for the CPU), with that call's operators;
+    - "wait": the kernel ending the gap had been launched before the gap began, so it waited on something on the
+      GPU side (another stream's event, a collective), not on the CPU;
+    - "launch": otherwise, with the operators around that launch: the CPU was too slow to feed the GPU.
+    Each context shows the innermost annotation (FSDP2's `FSDP::...`, record_function) and the innermost operators.
     """
-    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["args"].get("correlation"))
+    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("args", {}).get("correlation"))
                  for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES)
     if not gpu:
         return "(no GPU activity in the trace)"
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+                if e.get("cat") in RUNTIME_CATEGORIES and "correlation" in e.get("args", {})}
     cpu = _CpuTimeline([e for e in events if e.get("ph") == "X" and e.get("cat") in
-                        ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")])
-    window = gpu[-1][1] - gpu[0][0]
+                        ("cpu_op", "user_annotation", *RUNTIME_CATEGORIES)])
+    window = max(gpu[-1][1] - gpu[0][0], 1e-9)
     busy_end, idle = gpu[0][1], 0.0
     charged: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     for start, end, corr in gpu[1:]:
@@ -132,12 +138,13 @@ def _cause(cpu: "_CpuTimeline", launch: dict | None, gap_start: float) -> tuple[
         chain = cpu.chain(tid, gap_start)
         if any(name in SYNC_CALLS for _, name in chain):
             return "sync", _describe(chain)
-    return "launch", _describe(cpu.chain((launch["pid"], launch["tid"]), launch["ts"])[:-1])
+    kind = "wait" if launch["ts"] + launch.get("dur", 0) <= gap_start else "launch"
+    return kind, _describe(cpu.chain((launch["pid"], launch["tid"]), launch["ts"]))
 
 
 def _describe(chain: list[tuple[str, str]]) -> str:
     notes = [name for cat, name in chain if cat == "user_annotation"]
-    ops = [name for cat, name in chain if cat != "user_annotation"][-3:]
+    ops = [name for cat, name in chain if cat == "cpu_op"][-3:]
     return (f"[{notes[-1]}] " if notes else "") + " < ".join(ops or ["?"])
 
 

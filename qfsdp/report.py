@@ -114,11 +114,16 @@ def load_jobs(paths: list[Path]) -> list[Job]:
     return [load_job(p, str(p.resolve().relative_to(root))) for p in runs]
 
 
+def max_loss_gap(a: dict[int, float], b: dict[int, float]) -> float | None:
+    """Largest per-step |loss difference| over the steps both runs logged ({step: loss}); None if they share none.
+    The one definition behind the sweep report, the bench checks and the notebook."""
+    common = a.keys() & b.keys()
+    return max(abs(a[s] - b[s]) for s in common) if common else None
+
+
 def max_abs_dloss(a: Job, b: Job) -> float | None:
     """Largest per-step |loss difference| over the steps both jobs logged."""
-    la, lb = {r["step"]: r["loss"] for r in a.rows}, {r["step"]: r["loss"] for r in b.rows}
-    common = sorted(la.keys() & lb.keys())
-    return max(abs(la[s] - lb[s]) for s in common) if common else None
+    return max_loss_gap({r["step"]: r["loss"] for r in a.rows}, {r["step"]: r["loss"] for r in b.rows})
 
 
 def references(jobs: list[Job]) -> dict[str, Job]:

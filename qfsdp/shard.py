@@ -4,7 +4,7 @@
 2. per decoder layer, one at a time: cast its frozen weights to the compute dtype, move it to the device
    (bitsandbytes quantizes its weights as they arrive), make its packed 4-bit weights `NF4Weight`s (so FSDP2
    shards and gathers them byte-exactly; compute receives the gathered bytes as plain tensors, given their quant
-   state by `attach_quant_states`), `torch.compile` its children (`compile_inside`), and `fully_shard` it, before
+   state by `attach_quant_states`), `torch.compile` it (`compile_layer`), and `fully_shard` it, before
    the next layer comes;
 3. the input embeddings as their own FSDP2 unit, the frozen head left whole on every GPU (see below), then the
    root (final norm, buffers).
@@ -53,7 +53,7 @@ def parallelize(
         for m in _linears_4bit(model):
             keep_portable_cpu_kernels(m)
         for layer in layers if compile else []:
-            compile_inside(layer)
+            compile_layer(layer, activation_checkpointing)
         return model
 
     mp_policy = MixedPrecisionPolicy(
@@ -70,7 +70,7 @@ def parallelize(
         layer.to(device)
         _wrap_4bit(layer)
         if compile:
-            compile_inside(layer)
+            compile_layer(layer, activation_checkpointing)
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **shard)
         attach_quant_states(layer, _linears_4bit(layer))
     # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
@@ -102,16 +102,23 @@ def parallelize(
     return model
 
 
-def compile_inside(layer: nn.Module) -> None:
-    """torch.compile each child of a decoder layer (attention, MLP, norms), not the layer itself.
+def compile_layer(layer: nn.Module, checkpointed: bool) -> None:
+    """torch.compile a decoder layer: the whole layer, or with activation checkpointing its parts.
 
-    transformers checkpoints a layer's activations inside its `forward`; a compiled layer traces that checkpoint
-    into its graph, where bitsandbytes' 4-bit matmul (an autograd.Function) keeps its outputs for backward outside
-    the checkpoint: on an H200 the 8B shape kept ~300 MB per layer (15.5 vs 5.8 GiB per GPU at 2 GPUs). Compiled
-    children run inside the eager checkpoint, which frees everything they save. FSDP2's hooks stay on the layer.
+    transformers checkpoints a layer's activations inside its `forward`; compiling the whole layer traces that
+    checkpoint into the graph, where bitsandbytes' 4-bit matmul (an autograd.Function) keeps its outputs for backward
+    outside the checkpoint: on an H200 the 8B shape kept ~300 MB per layer (15.5 vs 5.8 GiB per GPU at 2 GPUs).
+    Compiled parts (attention, MLP, norms) run inside the eager checkpoint, which frees everything they save.
+    FSDP2's hooks stay on the layer either way.
     """
+    if not checkpointed:
+        layer.compile()
+        return
     for child in layer.children():
-        child.compile()
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward of their own
+            compile_layer(child, checkpointed)
+        elif any(True for _ in child.parameters()):  # parameter-free parts (dropout, activations) gain nothing
+            child.compile()
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:

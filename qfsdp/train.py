@@ -67,7 +67,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
     from qfsdp.data import load_train_dataset
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
-    from qfsdp.pauses import GarbageCollection
+    from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
     from qfsdp.progress import attach
 
     start = time.perf_counter()
@@ -95,7 +95,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         mesh = data_parallel_mesh(d.device.type, d.world_size, cfg.fsdp2.replicate)
         hand_sharded_model_to_trainer(model, d.world_size, replicate=cfg.fsdp2.replicate)
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
-    callbacks = [callback, GarbageCollection(), *profile_callbacks(cfg, run_dir, d)]
+    callbacks = [callback, CollectAtStepEnd(), *profile_callbacks(cfg, run_dir, d)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=callbacks)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
@@ -108,7 +108,8 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     load_memory = memory_stats(d.device)
     qbytes = all_gather_object(quantized_bytes(model))
     reset_peak_memory(d.device)
-    trainer.train()
+    with no_collection_pauses():
+        trainer.train()
 
     output = artifacts.save_trained_weights(model, run_dir, d, adapter=cfg.lora.enabled)
     summary = artifacts.build_summary(

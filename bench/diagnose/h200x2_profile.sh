@@ -5,11 +5,7 @@
 #   OUT=DIR bash bench/diagnose/h200x2_profile.sh        (from the repo root, .gpu-site and .gpu-wheels carried)
 set -x
 out=${OUT:-/tmp/out}; mkdir -p $out /tmp/d
-. bench/gpu_env.sh
-P="model=llama3_1_8b model.random_init=true dataset=synthetic dataset.seq_length=2048 dataset.num_samples=512 trainer.max_length=2048 trainer.global_batch_size=16 trainer.per_device_train_batch_size=2 lora.r=16"
-tps() { python3 -c "
-import json,sys; from qfsdp.metrics import steady_tokens_per_second as s
-r=[json.loads(l) for l in open('$1/metrics.jsonl')]; print('$2', round(s(r,3)), 'tok/s', 'peak', r[-1]['peak_memory_gib'], 'losses', [round(x['loss'],4) for x in r])"; }
+. bench/diagnose/common.sh
 lane0() {
   export CUDA_VISIBLE_DEVICES=0
   python3 -m qfsdp.bench prepare --rows qfsdp-1,stock-1

@@ -1,4 +1,5 @@
-"""Run under torchrun: one training step of a composed config, recording every op that computes in bfloat16.
+"""Run under torchrun: one training step (forward, backward, AdamW update) of a composed config, recording every
+op that computes in bfloat16. (fp16's loss scaler is left out: accelerate creates it on GPUs only.)
 
 Writes JSON to argv[1]: {"bf16_compute_ops": [...]} from rank 0. argv[2:] are config overrides.
 The Kaggle T4 path must have none: T4s have no bfloat16 arithmetic. (bfloat16 *storage* is fine: NF4Weight holds
@@ -52,10 +53,12 @@ mesh = init_device_mesh(d.device.type, (d.world_size,))
 parallelize(model, mesh, d.device, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
             compile=False, reshard_after_forward=True, cpu_offload=cfg.fsdp2.offload)
 ids = tokenizer(["<human>: hello there <bot>: hi"] * 2, return_tensors="pt").input_ids.to(d.device)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # Trainer's default
 mode = RecordBf16Compute()
 with mode:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
+    optimizer.step()  # the update too (on the offloaded CPU shards with fsdp2=offload)
 if d.rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump({"bf16_compute_ops": sorted(mode.ops), "loss": loss.item()}, f)
