@@ -95,7 +95,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
           lambda a, b: (a["tokens_per_second"] >= b["tokens_per_second"],
                         f"{a['tokens_per_second']:.0f} vs {b['tokens_per_second']:.0f} tokens/s "
                         f"({a['tokens_per_second'] / b['tokens_per_second']:.2f}x)"))
-    # Compiled layers must keep activation checkpointing's savings (shard.compile_inside).
+    # Compiled layers must keep activation checkpointing's savings (shard.compile_layer).
     check("memory: qfsdp 1 GPU compile=true train peak within 5% of eager", ["qfsdp-1", "qfsdp-1-compile"],
           lambda a, b: (_mem(b, "memory", "peak_allocated_gib")[0] <= 1.05 * _mem(a, "memory", "peak_allocated_gib")[0],
                         f"{_fmt(_mem(b, 'memory', 'peak_allocated_gib'))} vs "

@@ -1,4 +1,4 @@
-"""compile=true keeps activation checkpointing's memory savings (shard.compile_inside)."""
+"""compile=true keeps activation checkpointing's memory savings (shard.compile_layer)."""
 
 import json
 
