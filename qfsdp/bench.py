@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 report(a.out, rows, meta)  # after every row: a cut-off call keeps what finished
                 print(f"{name}: {rows[-1]['status']} {rows[-1].get('tokens_per_second', 0):.0f} tokens/s "
                       f"({rows[-1]['wall_s']:.0f}s)", flush=True)
+        report(a.out, rows, meta)  # rows skipped at the stop time are listed too
         print((a.out / "results.md").read_text())
         if any(row["status"] != "ok" for row in rows):
             sys.exit(1)

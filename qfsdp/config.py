@@ -141,7 +141,8 @@ class Config:
     # Cap every GPU's memory for this run, in GiB (e.g. 15 to behave like a 16 GB Tesla T4); null = no cap.
     # Ignored on CPU.
     gpu_memory_limit_gib: Optional[float] = None
-    # Profile optimizer steps 4-5 with torch.profiler on rank 0 -> profile.txt in the run directory.
+    # Profile optimizer steps 4-5 with torch.profiler on rank 0 -> profile.txt in the run directory (on GPUs also
+    # trace.json.gz, and a table of GPU idle time by CPU cause).
     profile: bool = False
 
 

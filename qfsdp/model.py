@@ -119,7 +119,7 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: to
     prequantized = getattr(config, "quantization_config", None) is not None
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=checkpoint_dtype(compute_dtype, full_finetune) if full_finetune else "auto",
+        dtype=torch.float32 if full_finetune else "auto",  # float32 masters, see checkpoint_dtype
         device_map={"": "cpu"},
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
@@ -212,9 +212,14 @@ def make_trainable_fp32(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks to shard, found from the model's own `_no_split_modules` (any architecture)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:

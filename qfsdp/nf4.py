@@ -13,8 +13,9 @@ holds the packed bytes *and* their quant state, and implements FSDP2's all-gathe
   kernels run on it without this subclass's Python dispatch.
 
 Every other op on an `NF4Weight` runs on the packed bytes. Ops that only move, view or copy bytes (the ones FSDP2
-uses to chunk, pad and offload a parameter) return an `NF4Weight` again; anything else (bitsandbytes' kernels, on
-the unsharded `fsdp2=off` path) receives the plain bytes and returns plain tensors.
+uses to chunk, pad and offload a parameter) return an `NF4Weight` again; anything else receives the plain bytes
+and returns plain tensors (compute never sees an `NF4Weight`: it gets the gathered plain tensor, and `fsdp2=off`
+keeps bitsandbytes' own `Params4bit`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from qfsdp.model import decoder_layers
+from qfsdp.model import base_model, decoder_layers
 from qfsdp.nf4 import NF4Weight, attach_quant_states, keep_portable_cpu_kernels, packed_bytes, to_nf4_weight
 
 
@@ -43,7 +43,7 @@ def parallelize(
 
     # Accelerate refuses to train a 4-bit model whose recorded placement (`hf_device_map`) differs from the training
     # device; the model was loaded into CPU memory and lives on `device` from here on.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.hf_device_map = {"": device.index if device.type == "cuda" else device.type}
 
     if mesh is None:
@@ -143,7 +143,7 @@ def _wrap_4bit(module: nn.Module) -> None:
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """(input embedding, head) to treat apart from the root; (None, None) when they share one weight."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
     if outputs is None or inputs.weight is outputs.weight:
         return None, None

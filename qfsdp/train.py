@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qfsdp import artifacts
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks
-from qfsdp.model import attach_lora, load_model, load_tokenizer, make_trainable_fp32
+from qfsdp.model import attach_lora, base_model, load_model, load_tokenizer, make_trainable_fp32
 from qfsdp.shard import parallelize, quantized_bytes
 
 
@@ -141,6 +141,6 @@ def hand_sharded_model_to_trainer(model: torch.nn.Module, world_size: int, repli
     """
     from transformers.distributed.configuration_utils import DistributedConfig
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.config.distributed_config = DistributedConfig(fsdp_size=world_size // replicate, dp_replicate_size=replicate)
     base._is_distributed_loading_by_transformers = True
