@@ -9,7 +9,14 @@
 3. the input embeddings as their own FSDP2 unit, the frozen head left whole on every GPU (see below), then the
    root (final norm, buffers).
 
-Mixed precision and CPU offload are FSDP2 policies on every unit.
+Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSDP2 where it would only cost time:
+- with one process per shard group (world_size=1) a shard is the whole weight, and FSDP2 would copy every frozen
+  weight into a second buffer before each use (for the 8B shape, 3.25 GiB twice per micro-step in thousands of small
+  copies). Frozen weights are then left to their modules (`ignored_params`, as bitsandbytes made them); FSDP2
+  manages only the trained ones (mixed precision, float32 gradients), exactly as when it shards;
+- CPU offload moves the frozen weights (the 4-bit base, >99% of the bytes) to CPU RAM; the trained LoRA weights,
+  their gradients and optimizer state stay on the GPU in a unit of their own per layer. The optimizer step then runs
+  on the GPU as without offload (the same arithmetic: the same losses), not as a CPU Adam between steps.
 """
 
 from __future__ import annotations
@@ -61,28 +68,44 @@ def parallelize(
         param_dtype=None if param_dtype == torch.float32 else param_dtype,
         reduce_dtype=torch.float32,
     )
+    shard = dict(mesh=mesh, mp_policy=mp_policy)
     # pin_memory needs a GPU; on CPU the offloaded shards are ordinary memory.
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    shard = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
-    for layer in layers:
+    manage_frozen = cpu_offload or mesh.size(mesh.ndim - 1) > 1  # see the module docstring
+    for i, layer in enumerate(layers):
         # This rank's GPU holds its shards so far plus one layer in full precision, never the whole model.
         cast_frozen(layer, param_dtype)
         layer.to(device)
-        _wrap_4bit(layer)
+        if manage_frozen:
+            _wrap_4bit(layer)
+        else:
+            for m in _linears_4bit(layer):
+                keep_portable_cpu_kernels(m)
         if compile:
             compile_layer(layer, activation_checkpointing)
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **shard)
-        attach_quant_states(layer, _linears_4bit(layer))
+        # The last layer's weights would be gathered again right away for backward: keep them (as torchtitan does).
+        # Without frozen weights to manage, a unit holds only LoRA weights (~0.5% of a layer): keep them all.
+        reshard = reshard_after_forward and manage_frozen and i < len(layers) - 1
+        trained = _trained_modules(layer)
+        if cpu_offload and trained and _frozen(layer):
+            fully_shard(trained, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **shard)
+        ignored = set() if manage_frozen else set(_frozen(layer))
+        fully_shard(layer, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored, **shard)
+        if manage_frozen:
+            attach_quant_states(layer, _linears_4bit(layer))
     # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
     # 8B). As its own unit, the embedding is gathered only during its forward. The head cannot be: TRL's fused LM
     # head reads `lm_head.weight` directly, not through `lm_head.forward`, so FSDP2 has no hook to gather it on use;
     # in the root it would be gathered from the start of forward to the end of backward, a full copy on top of its
     # shard. A frozen head is therefore left unsharded (FSDP2's `ignored_params`): one copy per GPU, no shard.
     # Tied to the embedding, both are one weight and stay in the root.
+    in_layers = {m for layer in layers for m in layer.modules()}
     embed, head = _embeddings(model)
     if embed is not None:
         cast_frozen(embed, param_dtype)
-        fully_shard(embed.to(device), reshard_after_forward=True, **shard)
+        embed.to(device)
+        if manage_frozen or _trained_modules(embed):
+            fully_shard(embed, reshard_after_forward=True, offload_policy=offload, **shard)
     ignored = set()
     if head is not None and not head.weight.requires_grad:
         cast_frozen(head, param_dtype)
@@ -90,15 +113,25 @@ def parallelize(
         ignored = {head.weight}
     # 4-bit layers outside the decoder layers, if the architecture has any; then the root, and fully_shard moves
     # what is left (final norm, rotary buffers) to the device.
-    outside = [m for m in _linears_4bit(model) if not isinstance(m.weight, DTensor)]
+    outside = [m for m in _linears_4bit(model) if m not in in_layers]
     for m in outside:
         cast_frozen(m, param_dtype)
-        _wrap_4bit(m.to(device))
+        m.to(device)
+        if manage_frozen:
+            _wrap_4bit(m)
+        else:
+            keep_portable_cpu_kernels(m)
     cast_frozen(model, param_dtype)  # what is left: final norm
-    fully_shard(model, reshard_after_forward=False, ignored_params=ignored, **shard)
-    if outside:
+    if not manage_frozen:  # the root's frozen weights (final norm) stay plain too, moved here by hand
+        for m in model.modules():
+            for p in _frozen(m, recurse=False) if m not in in_layers else []:
+                p.data = p.data.to(device)
+                ignored.add(p)
+    fully_shard(model, reshard_after_forward=False, offload_policy=offload, ignored_params=ignored, **shard)
+    if outside and manage_frozen:
         attach_quant_states(model, outside)
-    _check_4bit_shards(model)
+    if manage_frozen:
+        _check_4bit_shards(model)
     return model
 
 
@@ -130,6 +163,20 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
         if p.requires_grad or packed or isinstance(p, DTensor) or not p.is_floating_point() or p.dtype == dtype:
             continue
         p.data = p.data.to(dtype)
+
+
+def _frozen(module: nn.Module, recurse: bool = True) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=recurse) if not p.requires_grad]
+
+
+def _trained_modules(module: nn.Module) -> list[nn.Module]:
+    """The submodules whose own parameters are all trained (LoRA's A and B), in module order."""
+    found = []
+    for m in module.modules():
+        own = list(m.parameters(recurse=False))
+        if own and all(p.requires_grad for p in own):
+            found.append(m)
+    return found
 
 
 def _linears_4bit(module: nn.Module) -> list[bnb.nn.Linear4bit]:

@@ -92,3 +92,22 @@ def test_three_ranks_uneven_shards_bit_for_bit(tmp_path, storage):
     for r in (rank[storage] for rank in results):
         # Gradients are not compared bit for bit here: averaging 3 equal float32 values rounds (2 do not).
         assert r["logits_equal"] and r["bytes_equal"] and r["quant_state_kept"] and r["sharded_local_is_nf4"]
+
+
+def test_offload_keeps_trained_weights_on_the_device(results):
+    """fsdp2=offload moves the frozen 4-bit weights to CPU RAM, never the LoRA weights (whose optimizer step must
+    run where they compute); it computes exactly what the unsharded model does."""
+    for r in results:
+        p = r["placement"]["offload"]
+        assert p["logits_equal"] and p["grads_equal"]
+        assert p["trained_in_device_units"] and p["frozen_4bit_in_cpu_units"]
+        assert p["trained_sharded"] and not p["frozen_outside_fsdp"]
+
+
+def test_one_process_per_shard_group_leaves_frozen_weights_plain(results):
+    """With nothing to shard (world_size=1, or HSDP with replicate == world_size) FSDP2 manages only the trained
+    weights; the frozen ones stay bitsandbytes' own, and the model still computes exactly as unsharded."""
+    for r in results:
+        p = r["placement"]["one_per_shard_group"]
+        assert p["logits_equal"] and p["grads_equal"]
+        assert p["frozen_outside_fsdp"] and p["trained_sharded"] and p["trained_in_device_units"]

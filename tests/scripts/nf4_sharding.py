@@ -10,6 +10,8 @@ import sys
 import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from qfsdp.config import LoraConfig, ModelConfig, QuantConfig
 from qfsdp.distributed import (
@@ -88,6 +90,48 @@ for storage in ("uint8", "bfloat16"):
         "rank_bytes": quantized_bytes(sharded),
         "total_bytes": total,
     }
+
+
+# Where parameters live (see shard.py's docstring). CPU offload: frozen weights in units with CPU offload, trained
+# (LoRA) weights in units without it, so the optimizer step runs where the model computes. One process per shard
+# group (HSDP with replicate == world_size here; world_size=1 alike): frozen weights stay plain tensors outside
+# FSDP2, trained ones are FSDP2's. Both compute exactly what the unsharded model does.
+def offload_kinds(model):
+    """{parameter name: "cpu" | "device"} from the offload policy of the FSDP2 unit that manages it."""
+    kinds = {}
+    for m in model.modules():
+        state = fully_shard.state(m) if isinstance(m, FSDPModule) else None
+        group = state._fsdp_param_group if state is not None else None
+        for fp in group.fsdp_params if group is not None else []:
+            name = next(n for n, q in model.named_parameters() if q is fp.sharded_param)
+            kinds[name] = "cpu" if isinstance(group.offload_policy, CPUOffloadPolicy) else "device"
+    return kinds
+
+
+ref = build("uint8")
+parallelize(ref, None, d.device, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
+            reshard_after_forward=True, cpu_offload=False)
+ref_logits, ref_grads = loss_and_grads(ref)
+placement = {}
+for case, replicate_, offload in (("offload", 1, True), ("one_per_shard_group", d.world_size, False)):
+    model = build("uint8")
+    parallelize(model, data_parallel_mesh(d.device.type, d.world_size, replicate_), d.device,
+                param_dtype=torch.float32, activation_checkpointing=True, compile=False, reshard_after_forward=True,
+                cpu_offload=offload)
+    logits, grads = loss_and_grads(model)
+    trained = {n for n, q in model.named_parameters() if q.requires_grad}
+    frozen_4bit = {n + ".weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    kinds = offload_kinds(model)
+    placement[case] = {
+        "logits_equal": torch.equal(logits, ref_logits),
+        "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads) and len(grads) == len(ref_grads),
+        "trained_in_device_units": bool(trained) and all(kinds.get(n) == "device" for n in trained),
+        "frozen_4bit_in_cpu_units": bool(frozen_4bit) and all(kinds.get(n) == "cpu" for n in frozen_4bit),
+        "frozen_outside_fsdp": all(not isinstance(q, DTensor) for n, q in model.named_parameters()
+                                   if not q.requires_grad),
+        "trained_sharded": all(isinstance(q, DTensor) for n, q in model.named_parameters() if q.requires_grad),
+    }
+out["placement"] = placement
 
 # Silent-bug regression (bitsandbytes CPU repacking): an eval no-grad forward, then training, must give the same
 # LoRA gradients as training alone.
