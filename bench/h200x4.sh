@@ -14,6 +14,6 @@ case $part in
   1) bash bench/gpu.sh "$out" 0:kaggle-1,qfsdp-1-fp16 \
        1,2:kaggle-2,qfsdp-2-det,qfsdp-2-offload-det,qfsdp-2-compile-det,qfsdp-2-fp16 \
        3:qfsdp-1-det,qfsdp-1-noac,qfsdp-1-offload ;;
-  2) bash bench/gpu.sh "$out" all:stock-1,qfsdp-1,qfsdp-2,qfsdp-4,qfsdp-1-compile,qfsdp-4-det ;;
+  2) bash bench/gpu.sh "$out" all:stock-1,qfsdp-1,qfsdp-2,qfsdp-1-compile,qfsdp-4-det,qfsdp-4 ;;
   *) echo "part must be 1 or 2" >&2; exit 2 ;;
 esac
