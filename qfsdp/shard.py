@@ -15,8 +15,8 @@ Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSD
   copies). Frozen weights are then left to their modules (`ignored_params`, as bitsandbytes made them); FSDP2
   manages only the trained ones (mixed precision, float32 gradients), exactly as when it shards;
 - CPU offload moves the frozen weights (the 4-bit base, >99% of the bytes) to CPU RAM; the trained LoRA weights,
-  their gradients and optimizer state stay on the GPU, each LoRA module an FSDP2 unit of its own. The optimizer step
-  then runs on the GPU as without offload (the same arithmetic: the same losses), not as a CPU Adam between steps.
+  their gradients and optimizer state stay on the GPU, in one FSDP2 unit per layer. The optimizer step then
+  runs on the GPU as without offload (the same arithmetic: the same losses), not as a CPU Adam between steps.
 """
 
 from __future__ import annotations
@@ -88,12 +88,10 @@ def parallelize(
         reshard = reshard_after_forward and manage_frozen and i < len(layers) - 1
         trained = _trained_modules(layer)
         if cpu_offload and trained and _frozen(layer):
-            # One unit per LoRA module, not one `fully_shard([...])` group per layer: with a group, torch 2.11 on an
-            # H200 gave gradients 1.1e-5 off (grad norm at step 1) from the run without offload, while torch 2.13 on
-            # CPU gave the same bits. A group registers its post-backward hook per module call (older torch: on
-            # every member), a unit of one module exactly once, after that module's backward.
-            for m in trained:
-                fully_shard(m, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **shard)
+            # One unit for the layer's LoRA modules (`fully_shard([...])`: one gather and one reduce for all). A unit
+            # per LoRA module (224 tiny collectives per micro-batch) ran at 4,637 tokens/s against 10,111 on 2 H200s
+            # and came no closer to the losses without offload (docs/BENCHMARKS.md, fourth run).
+            fully_shard(trained, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **shard)
         ignored = set() if manage_frozen else set(_frozen(layer))
         fully_shard(layer, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored, **shard)
         if manage_frozen:

@@ -46,9 +46,12 @@ def apply_device_settings(cfg: DictConfig, device) -> None:
     import torch
 
     if cfg.deterministic:
-        # warn_only: an op without a deterministic kernel warns (in the log) instead of stopping the run. The
-        # attention backward kernels (flash, memory-efficient) switch to their deterministic variants.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Strict, not warn_only: with warn_only=True PyTorch only warns and keeps the non-deterministic kernels;
+        # sdpa's attention backward stayed cuDNN's, which accumulates with atomics. On 2 H200s two runs of the same
+        # config then differed from step 1's gradients on (grad norm 5.7e-6 relative, losses 1.0e-3 apart by step
+        # 20: docs/BENCHMARKS.md, fourth run). Strict, sdpa skips cuDNN and runs flash attention's deterministic
+        # backward; an op with no deterministic kernel stops the run with an error that names it.
+        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         # compile=true: keep eager's rounding of every bfloat16/float16 intermediate, which Inductor otherwise skips
