@@ -14,27 +14,31 @@ from qfsdp.metrics import memory_stats, peak_gib
 from qfsdp.rundir import SUMMARY
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU copies of the trainable (LoRA) parameters, under the model's own names.
+def full_state_dict(model: nn.Module, trainable_only: bool, keep: bool) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies of the model's weights (or only the trainable, LoRA ones), under the model's own names.
 
-    Collective: every rank calls it. Only the adapter is gathered, never the 4-bit base weights.
+    Collective: every rank calls it (gathering a DTensor is). Ranks with `keep=False` drop each copy at once, so only
+    the writing rank holds the gathered model. With `trainable_only` the 4-bit base weights are never gathered.
     """
     out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+    items = ((n, p) for n, p in model.named_parameters() if p.requires_grad) if trainable_only \
+        else model.state_dict().items()
+    for name, t in items:
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if keep:
             out[name] = full.detach().to("cpu", copy=True)
     return out
 
 
 def save_trained_weights(model: nn.Module, run_dir: Path, d: Dist, adapter: bool) -> str:
     """Save the LoRA adapter (PEFT format, `adapter/`) or, for full fine-tuning, the whole model (`model/`)."""
-    if adapter:
-        state = lora_state_dict(model)
+    if adapter or d.world_size == 1:
+        state = full_state_dict(model, trainable_only=adapter, keep=d.is_main)
         if d.is_main:
-            model.save_pretrained(run_dir / "adapter", state_dict=state)
+            model.save_pretrained(run_dir / ("adapter" if adapter else "model"), state_dict=state)
     else:
-        # transformers gathers a sharded model itself (a collective: every rank calls it) and rank 0 writes.
+        # transformers gathers a model sharded over several processes itself (a collective: every rank calls it) and
+        # rank 0 writes. With one process it does not gather, and failed on FSDP2's DTensors: gathered above instead.
         model.save_pretrained(run_dir / "model")
     if dist.is_initialized():
         dist.barrier()

@@ -31,3 +31,17 @@ def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
     merged.mkdir()
     result = run_cmd([sys.executable, "-m", "qfsdp.bench", "report", str(merged), str(out)])
     assert result.returncode == 0 and "| stock-1 | ok | 1 |" in (merged / "results.md").read_text()
+
+
+def test_gpu_host_scripts_name_real_rows():
+    """The per-host scripts (bench/h200x*.sh) run on GPU hosts only: a misspelled row would cost a device call."""
+    import re
+
+    from conftest import ROOT
+    from qfsdp.bench import ROWS
+
+    named = set()
+    for script in sorted((ROOT / "bench").glob("h200x*.sh")):
+        for lane in re.findall(r"(?:\d[\d,]*|all):([\w,-]+)", script.read_text()):
+            named.update(n for n in lane.split(",") if n)
+    assert named and named <= set(ROWS), sorted(named - set(ROWS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import adapter_weights, launch, metrics, save_prequantized_tiny, summary
@@ -42,10 +43,11 @@ def test_lora_on_unquantized_base(tmp_path):
     assert s["quantized_bytes_per_rank"] == [0, 0] and s["output"] == "adapter"
 
 
-def test_full_finetune_saves_whole_model(tmp_path):
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_full_finetune_saves_whole_model(tmp_path, world_size):
     from transformers import AutoModelForCausalLM
 
-    launch("quant=none", "lora=none", "world_size=2", "trainer.max_steps=3", "trainer.learning_rate=1e-3",
+    launch("quant=none", "lora=none", f"world_size={world_size}", "trainer.max_steps=3", "trainer.learning_rate=1e-3",
            f"hydra.run.dir={tmp_path}")
     from qfsdp.tiny import tiny_model_path
 
@@ -54,7 +56,7 @@ def test_full_finetune_saves_whole_model(tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_path("tiny")).state_dict()
     assert trained.keys() == initial.keys()
     moved = [k for k in initial if not torch.equal(trained[k], initial[k])]
-    assert len(moved) == len(initial)  # every parameter was trained (and gathered whole from both ranks)
+    assert len(moved) == len(initial)  # every parameter was trained (and gathered whole from every rank)
 
 
 def test_synthetic_dataset(tmp_path):
