@@ -5,8 +5,9 @@
 #   bash bench/gpu.sh OUT LANE [LANE...]     LANE = GPUS:ROW,ROW...   e.g.  0:stock-1,qfsdp-1  2,3:qfsdp-2
 #                                            GPUS "all": the lane runs after the others, on every GPU
 #
-# Lanes share the host's CPUs, disks and PCIe, not their GPUs: a row's speed then depends on what the other lanes
-# do meanwhile, so rows whose tokens/s are compared go in the "all" lane, alone on the host (bench/h200x4.sh part 2). Every lane stops starting rows 9 minutes after the call begins (a
+# Lanes share the host's CPUs, disks and PCIe, not their GPUs: a row's speed then depends on what the other
+# lanes do meanwhile, so rows whose tokens/s are compared go in the "all" lane, alone on the host
+# (bench/h200x4.sh part 2). Every lane stops starting rows 9 minutes after the call begins (a
 # device call lasts at most 10), and OUT then gets the merged results.json / results.md / plots, host.txt,
 # bench.log and extras.tar.gz (every row's metrics, summary, profile and the lane logs).
 #

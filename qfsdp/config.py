@@ -57,7 +57,8 @@ class FSDP2Config:
     enabled: bool = True
     # Free each layer's gathered weights after its forward (less memory, one more all-gather in backward).
     reshard_after_forward: bool = True
-    # Keep sharded parameters, gradients and optimizer state in CPU memory.
+    # Keep frozen weights' shards in CPU memory (LoRA A/B, their gradients and optimizer state stay on the device;
+    # with full fine-tuning every weight is offloaded, gradients and optimizer state with it). See shard.py.
     offload: bool = False
     # Recompute each decoder layer's activations in backward (much less memory, ~1/3 more compute).
     activation_checkpointing: bool = True

@@ -43,8 +43,8 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        # gloo beside NCCL: with CPU offload the sharded gradients live in CPU memory, and their norm (grad
-        # clipping) is reduced across ranks there.
+        # gloo beside NCCL: with CPU offload of trained weights (full fine-tuning, trained biases) the sharded
+        # gradients live in CPU memory, and their norm (grad clipping) is reduced across ranks there.
         backend = "cpu:gloo,cuda:nccl"
     else:
         device = torch.device("cpu")

@@ -14,9 +14,12 @@ Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSD
   weight into a second buffer before each use (for the 8B shape, 3.25 GiB twice per micro-step in thousands of small
   copies). Frozen weights are then left to their modules (`ignored_params`, as bitsandbytes made them); FSDP2
   manages only the trained ones (mixed precision, float32 gradients), exactly as when it shards;
-- CPU offload moves the frozen weights (the 4-bit base, >99% of the bytes) to CPU RAM; the trained LoRA weights,
-  their gradients and optimizer state stay on the GPU, in one FSDP2 unit per layer. The optimizer step then
-  runs on the GPU as without offload (the same arithmetic: the same losses), not as a CPU Adam between steps.
+- CPU offload moves the frozen weights to CPU RAM (for the 8B shape, 3.25 GiB of 4-bit bytes); LoRA's A and B
+  (modules whose weights are all trained), their gradients and AdamW state stay on the GPU, in one FSDP2 unit per
+  layer (0.63 GiB for r=16 in float32, all ranks together). The optimizer step then runs on the GPU with the same
+  arithmetic as without offload, not as a CPU Adam between steps. (Equal losses are expected; on GPUs that waits
+  on strict `deterministic=true` being run there.) Trained weights that share a module with frozen ones
+  (`lora.bias`, full fine-tuning) stay with them in CPU RAM, their optimizer step on the CPU.
 """
 
 from __future__ import annotations
@@ -76,11 +79,7 @@ def parallelize(
         # This rank's GPU holds its shards so far plus one layer in full precision, never the whole model.
         cast_frozen(layer, param_dtype)
         layer.to(device)
-        if manage_frozen:
-            _wrap_4bit(layer)
-        else:
-            for m in _linears_4bit(layer):
-                keep_portable_cpu_kernels(m)
+        _prepare_4bit(layer, manage_frozen)
         if compile:
             compile_layer(layer, activation_checkpointing)
         # The last layer's weights would be gathered again right away for backward: keep them (as torchtitan does).
@@ -91,8 +90,9 @@ def parallelize(
         trained = _trained_modules(layer)
         if cpu_offload and trained and _frozen(layer):
             # One unit for the layer's LoRA modules (`fully_shard([...])`: one gather and one reduce for all). A unit
-            # per LoRA module (224 tiny collectives per micro-batch) ran at 4,637 tokens/s against 10,111 on 2 H200s
-            # and came no closer to the losses without offload (docs/BENCHMARKS.md, fourth run).
+            # per LoRA module (448 units, each gathered and reduced on its own) ran at 4,637 tokens/s against 10,111
+            # on 2 H200s and came no closer to the losses without offload (docs/bench-h200x4-run4/call-p3-results.md).
+            # With compile=true the LoRA units' FSDP2 hooks (kept out of torch.compile) split each compiled part.
             fully_shard(trained, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **shard)
         ignored = set() if manage_frozen else set(_frozen(layer))
         fully_shard(layer, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored, **shard)
@@ -121,11 +121,7 @@ def parallelize(
     outside = [m for m in _linears_4bit(model) if m not in in_layers]
     for m in outside:
         cast_frozen(m, param_dtype)
-        m.to(device)
-        if manage_frozen:
-            _wrap_4bit(m)
-        else:
-            keep_portable_cpu_kernels(m)
+        _prepare_4bit(m.to(device), manage_frozen)
     cast_frozen(model, param_dtype)  # what is left: final norm
     if not manage_frozen:  # the root's frozen weights (final norm) stay plain too, moved here by hand
         for m in model.modules():
@@ -188,9 +184,13 @@ def _linears_4bit(module: nn.Module) -> list[bnb.nn.Linear4bit]:
     return [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
-def _wrap_4bit(module: nn.Module) -> None:
+def _prepare_4bit(module: nn.Module, sharded: bool) -> None:
+    """Sharded by FSDP2: make the 4-bit weights NF4Weights; left alone: keep bitsandbytes' portable CPU kernels."""
     for m in _linears_4bit(module):
-        to_nf4_weight(m)
+        if sharded:
+            to_nf4_weight(m)  # keeps the portable kernels too
+        else:
+            keep_portable_cpu_kernels(m)
 
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
