@@ -16,10 +16,10 @@ Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSD
   manages only the trained ones (mixed precision, float32 gradients), exactly as when it shards;
 - CPU offload moves the frozen weights to CPU RAM (for the 8B shape, 3.25 GiB of 4-bit bytes); LoRA's A and B
   (modules whose weights are all trained), their gradients and AdamW state stay on the GPU, in one FSDP2 unit per
-  layer (0.63 GiB for r=16 in float32, all ranks together). The optimizer step then runs on the GPU with the same
-  arithmetic as without offload, not as a CPU Adam between steps. (Equal losses are expected; on GPUs that waits
-  on strict `deterministic=true` being run there.) Trained weights that share a module with frozen ones
-  (`lora.bias`, full fine-tuning) stay with them in CPU RAM, their optimizer step on the CPU.
+  layer (r=16: 4.2e7 weights x 16 bytes = 0.63 GiB, all ranks together). The optimizer step then runs on the GPU
+  with the same arithmetic as without offload, not as a CPU Adam between steps. (Equal losses are expected; on
+  GPUs that waits on strict `deterministic=true` being run there.) Trained weights that share a module with frozen
+  ones (`lora.bias`, full fine-tuning) stay with them in CPU RAM, their optimizer step on the CPU.
 """
 
 from __future__ import annotations
@@ -85,17 +85,18 @@ def parallelize(
         # The last layer's weights would be gathered again right away for backward: keep them (as torchtitan does).
         # A unit that leaves the layer's frozen weights alone holds only its LoRA weights (~0.6% of an 8B layer):
         # keep them all (full fine-tuning, with nothing frozen, still reshards).
-        lora_only = not manage_frozen and bool(_frozen(layer))
+        frozen = _frozen(layer)
+        lora_only = not manage_frozen and bool(frozen)
         reshard = reshard_after_forward and not lora_only and i < len(layers) - 1
         trained = _trained_modules(layer)
-        if cpu_offload and trained and _frozen(layer):
+        if cpu_offload and trained and frozen:
             # One unit for the layer's LoRA modules (`fully_shard([...])`: one gather and one reduce for all). A unit
             # per LoRA module (448 units, each gathered and reduced on its own) ran at 4,637 tokens/s against 10,111
             # on 2 H200s and came no closer to the losses without offload (docs/bench-h200x4-run4/call-p3-results.md).
             # With compile=true the LoRA units' FSDP2 hooks (kept out of torch.compile) split each compiled part.
             fully_shard(trained, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **shard)
-        ignored = set() if manage_frozen else set(_frozen(layer))
-        fully_shard(layer, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored, **shard)
+        fully_shard(layer, reshard_after_forward=reshard, offload_policy=offload,
+                    ignored_params=None if manage_frozen else set(frozen), **shard)
         if manage_frozen:
             attach_quant_states(layer, _linears_4bit(layer))
     # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
@@ -109,7 +110,7 @@ def parallelize(
     if embed is not None:
         cast_frozen(embed, param_dtype)
         embed.to(device)
-        if manage_frozen or _trained_modules(embed):
+        if manage_frozen or not _frozen(embed):
             fully_shard(embed, reshard_after_forward=True, offload_policy=offload, **shard)
     ignored = set()
     if head is not None and not head.weight.requires_grad:
