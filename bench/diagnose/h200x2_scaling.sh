@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# 2-GPU scaling on one 2 x H200 host, in one device call (from the repo root, .gpu-site and .gpu-wheels carried):
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh             qfsdp at 1 GPU, at 2 GPUs, and at 2 GPUs with NCCL held
+#                                                            to 4 channels (fewer SMs taken from the matmuls while
+#                                                            weights are gathered), 10 steps each (about 7 minutes
+#                                                            with the checkpoint build)
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh profile-N   profile=true at N GPUs (1 or 2) for 8 steps: steps 4-5
+#                                                            profiled (profile.txt with the GPU-idle table), steps 6-8
+#                                                            unprofiled (about 6 minutes)
+# Throughput differs from host to host by up to a third (docs/BENCHMARKS.md, fifth session): compare GPU counts
+# only within one call.
+set -x
+out=${OUT:-/tmp/out}; mkdir -p $out /tmp/d
+. bench/diagnose/common.sh
+steps() { python3 -c "import json; print('$1 tokens/s per step', [round(json.loads(l)['tokens_per_second']) for l in open('/tmp/d/$1/metrics.jsonl')])"; }
+if [ "$1" = profile-1 ] || [ "$1" = profile-2 ]; then
+  n=${1#profile-}
+  python3 -m qfsdp.bench prepare --rows qfsdp-$n > /tmp/d/prepare.log 2>&1
+  run prof-$n $n profile=true trainer.max_steps=8 | tee $out/tokens.txt
+  steps prof-$n | tee -a $out/tokens.txt
+  cp /tmp/d/prof-$n/profile.txt $out/profile_prof-$n.txt
+else
+  python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
+  {
+    for n in 1 2; do
+      run q$n $n trainer.max_steps=10
+      steps q$n
+    done
+    NCCL_MAX_NCHANNELS=4 run q2-nch4 2 trainer.max_steps=10
+    steps q2-nch4
+  } | tee $out/tokens.txt
+fi
+nvidia-smi > $out/host.txt; lscpu >> $out/host.txt
+tar czf $out/logs.tar.gz -C /tmp/d --exclude='*.safetensors' --exclude='adapter' --exclude='trace.json.gz' .
+grep -h -A 24 "GPU idle" $out/profile_prof-*.txt 2>/dev/null
+cat $out/tokens.txt
