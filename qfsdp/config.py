@@ -136,9 +136,10 @@ class Config:
     # Processes (GPUs, or CPU processes when there is no GPU). null = every visible GPU, or 1 without GPUs.
     world_size: Optional[int] = None
     # Deterministic GPU kernels (torch.use_deterministic_algorithms, strict: an op without one stops the run): the
-    # same run twice should give the same losses, so configurations compare below GPU run-to-run noise. Slower
-    # (flash attention's deterministic backward instead of cuDNN's; uninitialized memory filled). With compile=true,
-    # Inductor also keeps eager's rounding of low-precision intermediates, so compiled and eager runs compare.
+    # same run twice gives the same losses (bit-identical on 2 H200s: docs/BENCHMARKS.md, fifth session), so
+    # configurations compare below GPU run-to-run noise. Slower (flash attention's deterministic backward instead of
+    # cuDNN's; uninitialized memory filled). With compile=true, Inductor also keeps eager's rounding of low-precision
+    # intermediates, so compiled and eager runs compare.
     deterministic: bool = False
     # Cap every GPU's memory for this run, in GiB (e.g. 15 to behave like a 16 GB Tesla T4); null = no cap.
     # Ignored on CPU.

@@ -12,22 +12,17 @@
 set -x
 out=${OUT:-/tmp/out}; mkdir -p $out /tmp/d
 . bench/diagnose/common.sh
-steps() { python3 -c "import json; print('$1 tokens/s per step', [round(json.loads(l)['tokens_per_second']) for l in open('/tmp/d/$1/metrics.jsonl')])"; }
 if [ "$1" = profile-1 ] || [ "$1" = profile-2 ]; then
   n=${1#profile-}
   python3 -m qfsdp.bench prepare --rows qfsdp-$n > /tmp/d/prepare.log 2>&1
   run prof-$n $n profile=true trainer.max_steps=8 | tee $out/tokens.txt
-  steps prof-$n | tee -a $out/tokens.txt
   cp /tmp/d/prof-$n/profile.txt $out/profile_prof-$n.txt
 else
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
   {
-    for n in 1 2; do
-      run q$n $n trainer.max_steps=10
-      steps q$n
-    done
+    run q1 1 trainer.max_steps=10
+    run q2 2 trainer.max_steps=10
     NCCL_MAX_NCHANNELS=4 run q2-nch4 2 trainer.max_steps=10
-    steps q2-nch4
   } | tee $out/tokens.txt
 fi
 nvidia-smi > $out/host.txt; lscpu >> $out/host.txt
