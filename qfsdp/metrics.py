@@ -35,6 +35,53 @@ def peak_gib(stats: dict) -> float:
     return stats.get("peak_allocated_gib", stats.get("peak_rss_gib", 0.0))
 
 
+class StepPhases:
+    """Where an optimizer step's time goes on the device's timeline: each micro-step (forward and backward; the last
+    one with the gradient reduction and clipping), the optimizer step, and the time between two steps (logging, the
+    step-end garbage collection, fetching the next batches). Marks are CUDA events on the current stream (the GPU's
+    own clock: no host sync, read only once the step's work is done), on CPU the wall clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []  # this step's: begin, substep ends..., pre-optimizer, optimizer, end
+        self.last_end = None  # the previous step's end
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self) -> None:
+        if len(self.marks) >= 4:
+            self.last_end = self.marks[-1]
+        self.marks = [self._now()]
+
+    def mark(self) -> None:
+        self.marks.append(self._now())
+
+    def _ms(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return round(a.elapsed_time(b), 2)
+        return round((b - a) * 1e3, 2)
+
+    def take(self) -> dict:
+        """The last complete step's phases in milliseconds (empty before one has completed)."""
+        m = self.marks
+        if len(m) < 4:
+            return {}
+        begin, micro_ends, opt_end, end = m[0], m[1:-2], m[-2], m[-1]
+        bounds = [begin, *micro_ends]
+        out = {"micro_steps_ms": [self._ms(a, b) for a, b in zip(bounds, bounds[1:])],
+               "optimizer_ms": self._ms(micro_ends[-1], opt_end), "after_optimizer_ms": self._ms(opt_end, end)}
+        if self.last_end is not None:
+            out["between_steps_ms"] = self._ms(self.last_end, begin)
+        return out
+
+
 class MetricsCallback(TrainerCallback):
     """Appends one JSON object per logged optimizer step to `run_dir/metrics.jsonl` (rank 0 only).
 
@@ -47,9 +94,27 @@ class MetricsCallback(TrainerCallback):
         self.rows: list[dict] = []
         self.time_origin = time_origin
         self._last = None  # (time, tokens) at the previous log
+        self.phases = StepPhases(d.device)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.perf_counter(), 0)
+
+    # Step phases (StepPhases): marks at the step's start, after each micro-step but the last, after the last one's
+    # backward and clipping (on_pre_optimizer_step), after the optimizer step, and at the step's end.
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.phases.begin()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.phases.mark()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.phases.mark()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.phases.mark()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.phases.mark()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -69,6 +134,7 @@ class MetricsCallback(TrainerCallback):
             "tokens_per_second": (tokens - last_tokens) / max(now - last_time, 1e-9),
             "peak_memory_gib": [peak_gib(m) for m in mems],
             "elapsed_s": now - self.time_origin,
+            **self.phases.take(),
         }
         self.rows.append(row)
         if self.path is not None:

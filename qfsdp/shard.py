@@ -45,6 +45,7 @@ def parallelize(
     compile: bool,
     reshard_after_forward: bool,
     cpu_offload: bool,
+    deterministic: bool = False,
 ) -> nn.Module:
     """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference)."""
     layers = decoder_layers(model)
@@ -63,7 +64,7 @@ def parallelize(
         for m in _linears_4bit(model):
             keep_portable_cpu_kernels(m)
         for layer in layers if compile else []:
-            compile_layer(layer, activation_checkpointing)
+            compile_layer(layer, activation_checkpointing, deterministic)
         return model
 
     mp_policy = MixedPrecisionPolicy(
@@ -81,7 +82,7 @@ def parallelize(
         layer.to(device)
         _prepare_4bit(layer, manage_frozen)
         if compile:
-            compile_layer(layer, activation_checkpointing)
+            compile_layer(layer, activation_checkpointing, deterministic)
         # The last layer's weights would be gathered again right away for backward: keep them (as torchtitan does).
         # A unit that leaves the layer's frozen weights alone holds only its LoRA weights (~0.6% of an 8B layer):
         # keep them all (full fine-tuning, with nothing frozen, still reshards).
@@ -137,7 +138,7 @@ def parallelize(
     return model
 
 
-def compile_layer(layer: nn.Module, checkpointed: bool) -> None:
+def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False) -> None:
     """torch.compile a decoder layer: the whole layer, or with activation checkpointing its parts.
 
     transformers checkpoints a layer's activations inside its `forward`; compiling the whole layer traces that
@@ -145,13 +146,21 @@ def compile_layer(layer: nn.Module, checkpointed: bool) -> None:
     outside the checkpoint: on an H200 the 8B shape kept ~300 MB per layer (15.5 vs 5.8 GiB per GPU at 2 GPUs).
     Compiled parts (attention, MLP, norms) run inside the eager checkpoint, which frees everything they save.
     FSDP2's hooks stay on the layer either way.
+
+    `deterministic`: only the parts that hold linear layers (attention, MLP) are compiled, always as parts; the norms
+    stay eager. Inductor sums a norm's row in another order than eager's reduction kernel on GPUs, which moves some
+    bf16 roundings of every normalized activation (on an H200, 8B shape: step-1 loss 6.6e-5 off eager, 1.08e-3 by
+    step 7, docs/BENCHMARKS.md). The norms are a small part of a layer's work; eager there keeps compile=true
+    comparable with eager runs, which is what deterministic=true is for.
     """
-    if not checkpointed:
+    if not checkpointed and not deterministic:
         layer.compile()
         return
     for child in layer.children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward of their own
-            compile_layer(child, checkpointed)
+            compile_layer(child, checkpointed, deterministic)
+        elif deterministic and not any(isinstance(m, nn.Linear) for m in child.modules()):
+            continue  # a norm (see above)
         elif any(True for _ in child.parameters()):  # parameter-free parts (dropout, activations) gain nothing
             child.compile()
 

@@ -60,6 +60,12 @@ def apply_device_settings(cfg: DictConfig, device) -> None:
         import torch._inductor.config
 
         torch._inductor.config.emulate_precision_casts = True
+        # Likewise eager's division (correctly rounded, where Triton's `/` is approximate: softmax, SiLU's sigmoid)
+        # and denormals (eager keeps them, Triton flushes them to zero), where this torch has those switches.
+        numerics = getattr(torch._inductor.config, "eager_numerics", None)
+        for name in ("division_rounding", "disable_ftz"):
+            if hasattr(numerics, name):
+                setattr(numerics, name, True)
     if cfg.gpu_memory_limit_gib is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         # The caching allocator refuses allocations beyond this fraction: an out-of-memory error where a smaller

@@ -14,3 +14,24 @@ def test_compiled_layers_save_no_more_than_eager_ones(tmp_path):
     # save exactly what eager does.
     assert saved["compiled_graphs"] > 0
     assert saved["compiled"] == saved["eager"], saved
+
+
+def test_deterministic_compiles_only_the_parts_with_linear_layers():
+    """deterministic=true leaves a layer's norms eager (their compiled reduction order differs from eager's on GPUs)
+    and compiles its attention and MLP, whole layers or checkpointed ones alike."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from qfsdp.shard import compile_layer
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    for checkpointed in (True, False):
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+        compile_layer(layer, checkpointed, deterministic=True)
+        compiled = {name for name, m in layer.named_children() if m._compiled_call_impl is not None}
+        assert compiled == {"self_attn", "mlp"}, compiled
+        assert layer._compiled_call_impl is None
+    layer = LlamaDecoderLayer(config, layer_idx=0)
+    compile_layer(layer, True)
+    assert {name for name, m in layer.named_children() if m._compiled_call_impl is not None} == {
+        "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}

@@ -25,6 +25,12 @@ def assert_finished_run(run_dir: Path, world_size: int, steps: int) -> dict:
         assert METRIC_KEYS <= r.keys()
         assert len(r["peak_memory_gib"]) == world_size and all(m > 0 for m in r["peak_memory_gib"])
         assert r["tokens_per_second"] > 0 and r["loss"] > 0
+    # Step phases (metrics.StepPhases): one duration per micro-step, all positive, and from the second step on the
+    # phases and the gap between steps add up to the step's wall time (CPU runs: the same clock).
+    for prev, r in zip(rows, rows[1:]):
+        phases = [*r["micro_steps_ms"], r["optimizer_ms"], r["after_optimizer_ms"], r["between_steps_ms"]]
+        assert all(p >= 0 for p in phases) and min(r["micro_steps_ms"]) > 0
+        assert sum(phases) / 1e3 == pytest.approx(r["elapsed_s"] - prev["elapsed_s"], rel=0.2, abs=0.05)
     s = summary(run_dir)
     assert SUMMARY_KEYS <= s.keys()
     assert s["world_size"] == world_size and s["steps"] == steps and s["final_loss"] == rows[-1]["loss"]
