@@ -130,7 +130,8 @@ class Config:
     precision: PrecisionConfig = MISSING
     dataset: DatasetConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # torch.compile each decoder layer (with activation checkpointing: its attention, MLP and norms) (shard.py).
+    # torch.compile each decoder layer (with activation checkpointing: its attention, MLP and norms; with
+    # deterministic=true its attention and MLP only) (shard.compile_layer).
     compile: bool = False
     seed: int = 42
     # Processes (GPUs, or CPU processes when there is no GPU). null = every visible GPU, or 1 without GPUs.

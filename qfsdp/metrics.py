@@ -37,9 +37,11 @@ def peak_gib(stats: dict) -> float:
 
 class StepPhases:
     """Where an optimizer step's time goes on the device's timeline: each micro-step (forward and backward; the last
-    one with the gradient reduction and clipping), the optimizer step, and the time between two steps (logging, the
-    step-end garbage collection, fetching the next batches). Marks are CUDA events on the current stream (the GPU's
-    own clock: no host sync, read only once the step's work is done), on CPU the wall clock.
+    one with the gradient reduction and clipping), the optimizer step, what follows it (learning-rate schedule,
+    zeroing gradients), and the time between two steps (logging, the step-end garbage collection, fetching the next
+    batches). Marks are CUDA events on the current stream (the GPU's own clock; read at logging time, after Trainer
+    has already waited for the step's loss, so they add no host sync), on CPU the wall clock. With
+    `logging_steps` > 1 the logged step's phases are reported (tokens/s covers all steps since the last log).
     """
 
     def __init__(self, device: torch.device):

@@ -136,10 +136,12 @@ class NF4Weight(torch.Tensor):
         return gathered.view(storage_dtype), (gathered,)
 
 
-# FSDP2 calls `inspect.signature` on `fsdp_pre_all_gather` at every all-gather of every 4-bit weight (it accepts two
-# calling conventions), about 10 us each on a CPU: 7 weights x 63 gathers per micro-step for the 8B shape. A
-# precomputed `__signature__` (which `inspect.signature` returns first) makes each lookup about 4 us.
+# FSDP2 calls `inspect.signature` on `fsdp_pre_all_gather` at every all-gather of every 4-bit weight it manages (it
+# accepts two calling conventions): 7 weights x 63 gathers per micro-step for the 8B shape at 2+ GPUs or with
+# offload. A precomputed `__signature__` (which `inspect.signature` returns first) cuts each lookup from 14.6 to
+# 4.3 us (timeit on the development CPU, Python 3.11).
 NF4Weight.fsdp_pre_all_gather.__signature__ = inspect.signature(NF4Weight.fsdp_pre_all_gather)
+
 
 def _flat(args, kwargs):
     for a in list(args) + list(kwargs.values()):

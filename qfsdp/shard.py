@@ -147,11 +147,13 @@ def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = Fa
     Compiled parts (attention, MLP, norms) run inside the eager checkpoint, which frees everything they save.
     FSDP2's hooks stay on the layer either way.
 
-    `deterministic`: only the parts that hold linear layers (attention, MLP) are compiled, always as parts; the norms
-    stay eager. Inductor sums a norm's row in another order than eager's reduction kernel on GPUs, which moves some
-    bf16 roundings of every normalized activation (on an H200, 8B shape: step-1 loss 6.6e-5 off eager, 1.08e-3 by
-    step 7, docs/BENCHMARKS.md). The norms are a small part of a layer's work; eager there keeps compile=true
-    comparable with eager runs, which is what deterministic=true is for.
+    `deterministic`: only the parts that hold linear layers (attention, MLP) are compiled, always as parts; parts
+    without (the norms of Llama- and Qwen2-style layers) stay eager. Inductor sums a norm's row in another order than
+    eager's reduction kernel on GPUs, which moves some bf16 roundings of every normalized activation. With the norms
+    compiled (fifth session, 2 H200s, 8B shape) step 1's loss was 6.6e-5 off eager's and losses 1.08e-3 apart by
+    step 7; with them eager (and worker.py's Inductor switches), step 1's loss is bit-identical and losses stay
+    within 6.1e-4 over 20 steps (docs/BENCHMARKS.md, sixth session). The norms are a small part of a layer's work;
+    eager there keeps compile=true comparable with eager runs, which is what deterministic=true is for.
     """
     if not checkpointed and not deterministic:
         layer.compile()

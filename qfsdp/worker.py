@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -62,10 +63,13 @@ def apply_device_settings(cfg: DictConfig, device) -> None:
         torch._inductor.config.emulate_precision_casts = True
         # Likewise eager's division (correctly rounded, where Triton's `/` is approximate: softmax, SiLU's sigmoid)
         # and denormals (eager keeps them, Triton flushes them to zero), where this torch has those switches.
+        # Which ones this torch has is logged (torch 2.13 has both).
         numerics = getattr(torch._inductor.config, "eager_numerics", None)
-        for name in ("division_rounding", "disable_ftz"):
-            if hasattr(numerics, name):
-                setattr(numerics, name, True)
+        applied = [name for name in ("division_rounding", "disable_ftz") if hasattr(numerics, name)]
+        for name in applied:
+            setattr(numerics, name, True)
+        logging.getLogger("qfsdp").info("deterministic=true: Inductor eager_numerics switches on: %s",
+                                        ", ".join(applied) or "none (this torch has none)")
     if cfg.gpu_memory_limit_gib is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         # The caching allocator refuses allocations beyond this fraction: an out-of-memory error where a smaller

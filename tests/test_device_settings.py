@@ -17,7 +17,9 @@ from qfsdp.worker import apply_device_settings
 apply_device_settings(compose_config(OVERRIDES), torch.device("cpu"))
 print(json.dumps({"enabled": torch.are_deterministic_algorithms_enabled(),
                   "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-                  "emulate_casts": inductor.emulate_precision_casts}))
+                  "emulate_casts": inductor.emulate_precision_casts,
+                  "eager_division": inductor.eager_numerics.division_rounding,
+                  "no_ftz": inductor.eager_numerics.disable_ftz}))
 """
 
 
@@ -28,8 +30,10 @@ def _settings(overrides: list[str]) -> dict:
 
 
 def test_deterministic_is_strict():
-    assert _settings(["deterministic=true"]) == {"enabled": True, "warn_only": False, "emulate_casts": True}
+    assert _settings(["deterministic=true"]) == {"enabled": True, "warn_only": False, "emulate_casts": True,
+                                                 "eager_division": True, "no_ftz": True}
 
 
 def test_default_leaves_kernels_alone():
-    assert _settings([]) == {"enabled": False, "warn_only": False, "emulate_casts": False}
+    assert _settings([]) == {"enabled": False, "warn_only": False, "emulate_casts": False,
+                             "eager_division": False, "no_ftz": False}

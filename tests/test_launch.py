@@ -25,12 +25,14 @@ def assert_finished_run(run_dir: Path, world_size: int, steps: int) -> dict:
         assert METRIC_KEYS <= r.keys()
         assert len(r["peak_memory_gib"]) == world_size and all(m > 0 for m in r["peak_memory_gib"])
         assert r["tokens_per_second"] > 0 and r["loss"] > 0
-    # Step phases (metrics.StepPhases): one duration per micro-step, all positive, and from the second step on the
-    # phases and the gap between steps add up to the step's wall time (CPU runs: the same clock).
-    for prev, r in zip(rows, rows[1:]):
-        phases = [*r["micro_steps_ms"], r["optimizer_ms"], r["after_optimizer_ms"], r["between_steps_ms"]]
-        assert all(p >= 0 for p in phases) and min(r["micro_steps_ms"]) > 0
-        assert sum(phases) / 1e3 == pytest.approx(r["elapsed_s"] - prev["elapsed_s"], rel=0.2, abs=0.05)
+    # Step phases (metrics.StepPhases; tests/test_step_phases.py for the arithmetic): one duration per micro-step,
+    # and the steps' phases fit in the run's wall time (CPU runs: the same clock; a profiled step's writing is
+    # outside its phases, so only an upper bound holds).
+    micro = {len(r["micro_steps_ms"]) for r in rows}
+    assert len(micro) == 1 and micro.pop() >= 1
+    phased = sum(sum(r["micro_steps_ms"]) + r["optimizer_ms"] + r["after_optimizer_ms"] + r.get("between_steps_ms", 0)
+                 for r in rows[1:]) / 1e3
+    assert 0 < phased <= (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) * 1.05 + 0.05
     s = summary(run_dir)
     assert SUMMARY_KEYS <= s.keys()
     assert s["world_size"] == world_size and s["steps"] == steps and s["final_loss"] == rows[-1]["loss"]
@@ -67,6 +69,7 @@ def test_default_demo(demo):
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", f"{run_dir.parent.name}/{run_dir.name}")
     s = assert_finished_run(run_dir, world_size=1, steps=30)
     assert s["losses"][-1] < s["losses"][0]  # it learns
+    assert len(metrics(run_dir)[0]["micro_steps_ms"]) == 4  # global batch 8 = micro batch 2 x 4 micro-steps
     assert f"results in {run_dir}" in result.stdout
     assert "it/s" in result.stderr  # the progress bar
 
