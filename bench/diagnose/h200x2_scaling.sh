@@ -9,6 +9,9 @@
 #       q2-noreshard   fsdp2.reshard_after_forward=false (each layer gathered once per micro-step, not twice: what the
 #                      second gather costs; holds the whole 4-bit model per GPU)
 #       q1-lean/q2-lean  per-micro-step host syncs of TRL's and Trainer's metrics removed (bench/diagnose/lean)
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh pin         q1, q2, q2-pin (each rank pinned to its own half of the
+#                                                            physical cores, bench/diagnose/pin), q2 again (its
+#                                                            spread), 8 steps each (about 6 minutes; not yet run)
 #   OUT=DIR bash bench/diagnose/h200x2_scaling.sh profile-N   profile=true at N GPUs (1 or 2) for 8 steps: steps 4-5
 #                                                            profiled (profile.txt with the GPU-idle table), steps 6-8
 #                                                            unprofiled (about 6 minutes)
@@ -22,6 +25,16 @@ if [ "$1" = profile-1 ] || [ "$1" = profile-2 ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-$n > /tmp/d/prepare.log 2>&1
   run prof-$n $n profile=true trainer.max_steps=8 | tee $out/tokens.txt
   cp /tmp/d/prof-$n/profile.txt $out/profile_prof-$n.txt
+elif [ "$1" = pin ]; then
+  python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
+  {
+    run q1 1 trainer.max_steps=8
+    run q2 2 trainer.max_steps=8
+    env PYTHONPATH=$PWD/bench/diagnose/pin:$PYTHONPATH QFSDP_DIAG_PIN=1 \
+      bash -c ". bench/diagnose/common.sh; run q2-pin 2 trainer.max_steps=8"
+    run q2-again 2 trainer.max_steps=8
+  } 2>&1 | tee $out/tokens.txt
+  grep -h "\[pin\]" /tmp/d/q2-pin.log
 else
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
   lean="env PYTHONPATH=$PWD/bench/diagnose/lean:$PYTHONPATH QFSDP_DIAG_LEAN=1"
