@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -38,14 +37,21 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
     d = init_distributed()
     if d.world_size > 1:
         check_same_on_all_ranks("the composed config", OmegaConf.to_yaml(cfg, resolve=True))
-    apply_device_settings(cfg, d.device)
+    switches = apply_device_settings(cfg, d.device)
+    if cfg.deterministic and d.is_main:
+        from qfsdp.progress import append_to_run_log
+
+        append_to_run_log(run_dir, "deterministic=true: Inductor eager_numerics switches on: "
+                                   + (", ".join(switches) or "none (this torch has none)"))
     run_training(cfg, run_dir, d)
 
 
-def apply_device_settings(cfg: DictConfig, device) -> None:
-    """`deterministic` and `gpu_memory_limit_gib`, for this process."""
+def apply_device_settings(cfg: DictConfig, device) -> list[str]:
+    """`deterministic` and `gpu_memory_limit_gib`, for this process. Returns the Inductor `eager_numerics` switches
+    turned on (which this torch has; none without `deterministic`)."""
     import torch
 
+    applied: list[str] = []
     if cfg.deterministic:
         # Strict, not warn_only: with warn_only=True PyTorch only warns and keeps the non-deterministic kernels;
         # sdpa's attention backward stayed cuDNN's, which accumulates with atomics. On 2 H200s two runs of the same
@@ -63,18 +69,17 @@ def apply_device_settings(cfg: DictConfig, device) -> None:
         torch._inductor.config.emulate_precision_casts = True
         # Likewise eager's division (correctly rounded, where Triton's `/` is approximate: softmax, SiLU's sigmoid)
         # and denormals (eager keeps them, Triton flushes them to zero), where this torch has those switches.
-        # Which ones this torch has is logged (torch 2.13 has both).
+        # Which ones this torch has goes into the run's log (torch 2.13 has both).
         numerics = getattr(torch._inductor.config, "eager_numerics", None)
         applied = [name for name in ("division_rounding", "disable_ftz") if hasattr(numerics, name)]
         for name in applied:
             setattr(numerics, name, True)
-        logging.getLogger("qfsdp").info("deterministic=true: Inductor eager_numerics switches on: %s",
-                                        ", ".join(applied) or "none (this torch has none)")
     if cfg.gpu_memory_limit_gib is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         # The caching allocator refuses allocations beyond this fraction: an out-of-memory error where a smaller
         # GPU would have one.
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit_gib * 2**30 / total), device)
+    return applied
 
 
 def record_error(run_dir: Path, error: BaseException) -> None:

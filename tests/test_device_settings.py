@@ -14,8 +14,8 @@ PROBE = """
 import json, torch, torch._inductor.config as inductor
 from qfsdp.config import compose_config
 from qfsdp.worker import apply_device_settings
-apply_device_settings(compose_config(OVERRIDES), torch.device("cpu"))
-print(json.dumps({"enabled": torch.are_deterministic_algorithms_enabled(),
+applied = apply_device_settings(compose_config(OVERRIDES), torch.device("cpu"))
+print(json.dumps({"applied": applied, "enabled": torch.are_deterministic_algorithms_enabled(),
                   "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
                   "emulate_casts": inductor.emulate_precision_casts,
                   "eager_division": inductor.eager_numerics.division_rounding,
@@ -30,10 +30,11 @@ def _settings(overrides: list[str]) -> dict:
 
 
 def test_deterministic_is_strict():
-    assert _settings(["deterministic=true"]) == {"enabled": True, "warn_only": False, "emulate_casts": True,
-                                                 "eager_division": True, "no_ftz": True}
+    assert _settings(["deterministic=true"]) == {"applied": ["division_rounding", "disable_ftz"], "enabled": True,
+                                                 "warn_only": False, "emulate_casts": True, "eager_division": True,
+                                                 "no_ftz": True}
 
 
 def test_default_leaves_kernels_alone():
-    assert _settings([]) == {"enabled": False, "warn_only": False, "emulate_casts": False,
+    assert _settings([]) == {"applied": [], "enabled": False, "warn_only": False, "emulate_casts": False,
                              "eager_division": False, "no_ftz": False}

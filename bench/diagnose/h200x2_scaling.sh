@@ -30,21 +30,20 @@ elif [ "$1" = pin ]; then
   {
     run q1 1 trainer.max_steps=8
     run q2 2 trainer.max_steps=8
-    env PYTHONPATH=$PWD/bench/diagnose/pin:$PYTHONPATH QFSDP_DIAG_PIN=1 \
-      bash -c ". bench/diagnose/common.sh; run q2-pin 2 trainer.max_steps=8"
+    PYTHONPATH=$PWD/bench/diagnose/pin:$PYTHONPATH QFSDP_DIAG_PIN=1 run q2-pin 2 trainer.max_steps=8
     run q2-again 2 trainer.max_steps=8
   } 2>&1 | tee $out/tokens.txt
   grep -h "\[pin\]" /tmp/d/q2-pin.log
 else
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
-  lean="env PYTHONPATH=$PWD/bench/diagnose/lean:$PYTHONPATH QFSDP_DIAG_LEAN=1"
   {
     run q1 1 trainer.max_steps=8
     run q2 2 trainer.max_steps=8
     NCCL_PROTO=Simple run q2-simple 2 trainer.max_steps=8
     run q2-noreshard 2 trainer.max_steps=8 fsdp2.reshard_after_forward=false
-    $lean bash -c ". bench/diagnose/common.sh; run q1-lean 1 trainer.max_steps=8"
-    $lean bash -c ". bench/diagnose/common.sh; run q2-lean 2 trainer.max_steps=8"
+    lean=$PWD/bench/diagnose/lean:$PYTHONPATH  # assignments before a shell function reach the commands it runs
+    PYTHONPATH=$lean QFSDP_DIAG_LEAN=1 run q1-lean 1 trainer.max_steps=8
+    PYTHONPATH=$lean QFSDP_DIAG_LEAN=1 run q2-lean 2 trainer.max_steps=8
   } 2>&1 | tee $out/tokens.txt
 fi
 nvidia-smi > $out/host.txt; lscpu >> $out/host.txt
