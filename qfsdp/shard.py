@@ -28,7 +28,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from qfsdp.model import base_model, decoder_layers
@@ -46,6 +46,7 @@ def parallelize(
     reshard_after_forward: bool,
     cpu_offload: bool,
     deterministic: bool = False,
+    comm_buffers: str = "default",
 ) -> nn.Module:
     """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference)."""
     layers = decoder_layers(model)
@@ -135,7 +136,24 @@ def parallelize(
         attach_quant_states(model, outside)
     if manage_frozen:
         _check_4bit_shards(model)
+    set_comm_buffers(model, comm_buffers)
     return model
+
+
+def set_comm_buffers(model: nn.Module, mode: str) -> None:
+    """Where every FSDP2 unit of `model` allocates its all-gather buffers (config `fsdp2.comm_buffers`), through
+    FSDP2's own switches: "process_group" lets NCCL allocate (and register) them, "symm_mem" takes them from NCCL
+    symmetric memory (the worker sets NCCL's zero-CTA policy, so all-gathers run on the copy engines)."""
+    if mode == "default":
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            if mode == "process_group":
+                m.set_allocate_memory_from_process_group_for_comm(True)
+            elif mode == "symm_mem":
+                m.set_symm_mem_for_comm()
+            else:
+                raise ValueError(f"unknown fsdp2.comm_buffers={mode}")
 
 
 def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False) -> None:

@@ -9,9 +9,22 @@
 #       q2-noreshard   fsdp2.reshard_after_forward=false (each layer gathered once per micro-step, not twice: what the
 #                      second gather costs; holds the whole 4-bit model per GPU)
 #       q1-lean/q2-lean  per-micro-step host syncs of TRL's and Trainer's metrics removed (bench/diagnose/lean)
-#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh pin         q1, q2, q2-pin (each rank pinned to its own half of the
-#                                                            physical cores, bench/diagnose/pin), q2 again (its
-#                                                            spread), 8 steps each (about 6 minutes; not yet run)
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh pin         q1, q2, then 2-GPU variants, 8 steps each, with each
+#                                                            GPU's clocks, power and throttle reasons logged
+#                                                            (smi.csv; about 8.5 minutes):
+#       q2-pin         each rank pinned to its own half of the physical cores (bench/diagnose/pin)
+#       q2-ch4         NCCL_MAX_NCHANNELS=4 (all-gathers on fewer SMs, so the matmuls beside them keep theirs)
+#       q2-again       q2 once more (its spread within the call)
+#       prof-2         profile=true (steps 4-5 profiled: profile.txt with the GPU-idle table, on the host of q1)
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh comm        prof-2 and prof-1 (profile=true, steps 4-5 profiled, on
+#                                                            one host: compute-kernel time against idle at 1 and 2
+#                                                            GPUs), and 2-GPU runs with fsdp2.comm_buffers=symm_mem
+#                                                            (copy-engine all-gathers) and =process_group, 8 steps
+#                                                            each, clocks logged (smi.csv; about 8 minutes)
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh mb4         1 and 2 GPUs at micro-batch 4 (global batch 16: 4 and 2
+#                                                            micro-steps per step), then at the preset's 2, 8 steps
+#                                                            each: does doubling the work per launch close the gap,
+#                                                            and what does it cost in memory (about 6.5 minutes)
 #   OUT=DIR bash bench/diagnose/h200x2_scaling.sh profile-N   profile=true at N GPUs (1 or 2) for 8 steps: steps 4-5
 #                                                            profiled (profile.txt with the GPU-idle table), steps 6-8
 #                                                            unprofiled (about 6 minutes)
@@ -25,15 +38,46 @@ if [ "$1" = profile-1 ] || [ "$1" = profile-2 ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-$n > /tmp/d/prepare.log 2>&1
   run prof-$n $n profile=true trainer.max_steps=8 | tee $out/tokens.txt
   cp /tmp/d/prof-$n/profile.txt $out/profile_prof-$n.txt
+elif [ "$1" = comm ]; then
+  python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())" | tee $out/versions.txt
+  python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 1000 > $out/smi.csv 2>&1 &
+  smi=$!
+  {
+    run prof-2 2 profile=true trainer.max_steps=8
+    run q2-symm 2 trainer.max_steps=8 fsdp2.comm_buffers=symm_mem
+    run q2-pg 2 trainer.max_steps=8 fsdp2.comm_buffers=process_group
+    run prof-1 1 profile=true trainer.max_steps=8
+  } 2>&1 | tee $out/tokens.txt
+  kill $smi
+  for n in 1 2; do cp /tmp/d/prof-$n/profile.txt $out/profile_prof-$n.txt; done
+  grep -h -i "nccl\|symm\|error" /tmp/d/q2-symm.log | head -20
+elif [ "$1" = mb4 ]; then
+  python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
+  {
+    run q1-mb4 1 trainer.max_steps=8 trainer.per_device_train_batch_size=4
+    run q2-mb4 2 trainer.max_steps=8 trainer.per_device_train_batch_size=4
+    run q2 2 trainer.max_steps=8
+    run q1 1 trainer.max_steps=8
+  } 2>&1 | tee $out/tokens.txt
 elif [ "$1" = pin ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 1000 > $out/smi.csv 2>&1 &
+  smi=$!
   {
     run q1 1 trainer.max_steps=8
     run q2 2 trainer.max_steps=8
     PYTHONPATH=$PWD/bench/diagnose/pin:$PYTHONPATH QFSDP_DIAG_PIN=1 run q2-pin 2 trainer.max_steps=8
+    NCCL_MAX_NCHANNELS=4 run q2-ch4 2 trainer.max_steps=8
     run q2-again 2 trainer.max_steps=8
+    run prof-2 2 profile=true trainer.max_steps=8
   } 2>&1 | tee $out/tokens.txt
+  kill $smi
   grep -h "\[pin\]" /tmp/d/q2-pin.log
+  cp /tmp/d/prof-2/profile.txt $out/profile_prof-2.txt
+  for f in /tmp/d/*/launch.log; do echo "== $f"; grep -i "rank\|switch\|nccl" $f | head -5; done > $out/launch-logs.txt
 else
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
   {
