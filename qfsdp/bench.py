@@ -37,10 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3
 
 PRESETS = {
-    # Llama-3.1-8B shape, random weights, synthetic 2048-token sequences, global batch 16, 20 steps.
+    # Llama-3.1-8B shape, random weights, synthetic 2048-token sequences, global batch 16, 20 steps. Micro batch 4
+    # (4 micro-steps per step on 1 GPU, 2 on 2): eager steps at micro batch 2 wait on the host's kernel launches,
+    # which made one GPU's speed, and 2 GPUs' ratio to it, depend on the machine; at 4 both ran steadier and
+    # faster (docs/BENCHMARKS.md, seventh session).
     "llama8b": ["model=llama3_1_8b", "model.random_init=true", "dataset=synthetic", "dataset.seq_length=2048",
                 "dataset.num_samples=512", "trainer.max_length=2048", "trainer.global_batch_size=16",
-                "trainer.per_device_train_batch_size=2", "trainer.max_steps=20", "lora.r=16"],
+                "trainer.per_device_train_batch_size=4", "trainer.max_steps=20", "lora.r=16"],
     # The same matrix on the tiny model, for CPU tests.
     "tiny": ["dataset=synthetic", "dataset.seq_length=64", "trainer.global_batch_size=8",
              "trainer.per_device_train_batch_size=2", "trainer.max_steps=5"],

@@ -66,11 +66,6 @@ class FSDP2Config:
     # world_size / R processes and replicate across the R groups (e.g. R = nodes: all-gathers stay in a node, only
     # the gradient all-reduce crosses nodes).
     replicate: int = 1
-    # Where FSDP2 allocates its all-gather buffers (GPUs): "default", PyTorch's caching allocator; "process_group",
-    # NCCL's own allocator, whose buffers NCCL registers for zero-copy transfers where it supports them; "symm_mem",
-    # NCCL symmetric memory with NCCL's zero-CTA policy, so that all-gathers within a node run on the GPU's copy
-    # engines and leave every SM to compute (needs an NCCL with copy-engine collectives, 2.28+).
-    comm_buffers: str = "default"
 
 
 @dataclass

@@ -6,8 +6,8 @@
    shards and gathers them byte-exactly; compute receives the gathered bytes as plain tensors, given their quant
    state by `attach_quant_states`), `torch.compile` it (`compile_layer`), and `fully_shard` it, before
    the next layer comes;
-3. the input embeddings as their own FSDP2 unit, the frozen head left whole on every GPU (see below), then the
-   root (final norm, buffers).
+3. the input embeddings and the frozen head, each as its own FSDP2 unit (see below), then the root (final norm,
+   buffers).
 
 Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSDP2 where it would only cost time:
 - with one process per shard group (world_size=1) a shard is the whole weight, and FSDP2 would copy every frozen
@@ -28,7 +28,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from qfsdp.model import base_model, decoder_layers
@@ -46,7 +46,6 @@ def parallelize(
     reshard_after_forward: bool,
     cpu_offload: bool,
     deterministic: bool = False,
-    comm_buffers: str = "default",
 ) -> nn.Module:
     """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference)."""
     layers = decoder_layers(model)
@@ -102,11 +101,15 @@ def parallelize(
         if manage_frozen:
             attach_quant_states(layer, _linears_4bit(layer))
     # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
-    # 8B). As its own unit, the embedding is gathered only during its forward. The head cannot be: TRL's fused LM
-    # head reads `lm_head.weight` directly, not through `lm_head.forward`, so FSDP2 has no hook to gather it on use;
-    # in the root it would be gathered from the start of forward to the end of backward, a full copy on top of its
-    # shard. A frozen head is therefore left unsharded (FSDP2's `ignored_params`): one copy per GPU, no shard.
-    # Tied to the embedding, both are one weight and stay in the root.
+    # 8B). As its own unit, the embedding is gathered only during its forward. So is a frozen head, by a different
+    # road: TRL's fused LM head reads `lm_head.weight` directly, not through `lm_head.forward` (FSDP2's hooks), and
+    # gathers a sharded (DTensor) weight itself with `full_tensor()`, keeping the full copy only until its own
+    # backward, right after the loss. The head's shard therefore stays on the device, even with CPU offload (TRL
+    # computes where the weight is). Outside the loss each GPU then holds its share of the head (at 2 GPUs 0.49 of
+    # 0.98 GiB for the 8B shape), also in the backward of the last layers, where the memory peak comes while every
+    # layer's checkpointed input is still held. In the root the head would stay gathered from the start of forward
+    # to the end of backward. With one process per shard group there is nothing to shard: the head stays
+    # a plain weight (FSDP2's `ignored_params`). Tied to the embedding, both are one weight and stay in the root.
     in_layers = {m for layer in layers for m in layer.modules()}
     embed, head = _embeddings(model)
     if embed is not None:
@@ -118,7 +121,14 @@ def parallelize(
     if head is not None and not head.weight.requires_grad:
         cast_frozen(head, param_dtype)
         head.to(device)
-        ignored = {head.weight}
+        if mesh.size(mesh.ndim - 1) > 1:
+            # No reduce dtype (the head has no gradient to reduce): FSDP2's end-of-backward callback runs every
+            # unit's post-backward, and with a reduce dtype set it reads the gathered parameter of a unit that was
+            # never gathered through its hooks, which does not exist (AttributeError; torch 2.11 and 2.13 alike).
+            fully_shard(head, mesh=mesh, offload_policy=OffloadPolicy(), reshard_after_forward=True,
+                        mp_policy=MixedPrecisionPolicy(param_dtype=mp_policy.param_dtype))
+        else:
+            ignored = {head.weight}
     # 4-bit layers outside the decoder layers, if the architecture has any; then the root, and fully_shard moves
     # what is left (final norm, rotary buffers) to the device.
     outside = [m for m in _linears_4bit(model) if m not in in_layers]
@@ -136,24 +146,7 @@ def parallelize(
         attach_quant_states(model, outside)
     if manage_frozen:
         _check_4bit_shards(model)
-    set_comm_buffers(model, comm_buffers)
     return model
-
-
-def set_comm_buffers(model: nn.Module, mode: str) -> None:
-    """Where every FSDP2 unit of `model` allocates its all-gather buffers (config `fsdp2.comm_buffers`), through
-    FSDP2's own switches: "process_group" lets NCCL allocate (and register) them, "symm_mem" takes them from NCCL
-    symmetric memory (the worker sets NCCL's zero-CTA policy, so all-gathers run on the copy engines)."""
-    if mode == "default":
-        return
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            if mode == "process_group":
-                m.set_allocate_memory_from_process_group_for_comm(True)
-            elif mode == "symm_mem":
-                m.set_symm_mem_for_comm()
-            else:
-                raise ValueError(f"unknown fsdp2.comm_buffers={mode}")
 
 
 def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False) -> None:

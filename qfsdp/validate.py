@@ -65,7 +65,7 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     driver runs in, if any)."""
     world_size = resolve_world_size(cfg, machine, torchrun_world_size, slurm)
     _check_precision(cfg, machine)
-    _check_parallelism(cfg, world_size, machine)
+    _check_parallelism(cfg, world_size)
     _check_batch(cfg, world_size)
     _check_model_path(cfg)
     _check_dataset(cfg)
@@ -96,7 +96,7 @@ def _check_precision(cfg: DictConfig, machine: Machine) -> None:
         raise ConfigError("precision.loss_scaling=true only applies to float16; use precision=fp16")
 
 
-def _check_parallelism(cfg: DictConfig, world_size: int, machine: Machine) -> None:
+def _check_parallelism(cfg: DictConfig, world_size: int) -> None:
     if not cfg.fsdp2.enabled and world_size > 1:
         raise ConfigError(f"fsdp2=off runs one unsharded process but world_size={world_size}; "
                           f"use world_size=1, or fsdp2=default to shard")
@@ -111,27 +111,6 @@ def _check_parallelism(cfg: DictConfig, world_size: int, machine: Machine) -> No
             f"{' or '.join(map(str, divisors))}, or a world_size that is a multiple of {replicate}")
     if cfg.quant.enabled and not cfg.lora.enabled:
         raise ConfigError("lora=none (full fine-tuning) cannot train 4-bit weights; add quant=none")
-    _check_comm_buffers(cfg, machine)
-
-
-COMM_BUFFERS = ("default", "process_group", "symm_mem")
-
-
-def _check_comm_buffers(cfg: DictConfig, machine: Machine) -> None:
-    mode = cfg.fsdp2.comm_buffers
-    if mode not in COMM_BUFFERS:
-        raise ConfigError(f"fsdp2.comm_buffers={mode} is not one of {', '.join(COMM_BUFFERS)}")
-    if mode == "symm_mem":
-        from torch.distributed.fsdp import FSDPModule
-
-        if not machine.gpus:
-            raise ConfigError("fsdp2.comm_buffers=symm_mem needs GPUs (NCCL symmetric memory); use "
-                              "fsdp2.comm_buffers=default on CPU")
-        if not hasattr(FSDPModule, "set_symm_mem_for_comm"):
-            import torch
-
-            raise ConfigError(f"fsdp2.comm_buffers=symm_mem needs FSDPModule.set_symm_mem_for_comm, which torch "
-                              f"{torch.__version__} lacks; use fsdp2.comm_buffers=process_group or default")
 
 
 def _check_batch(cfg: DictConfig, world_size: int) -> None:

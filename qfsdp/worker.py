@@ -34,10 +34,6 @@ def execute(cfg: DictConfig, run_dir: Path) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     prepare_checkpoint(cfg.model, getattr(torch, cfg.precision.dtype), full_finetune=not cfg.lora.enabled)
     load_tokenizer(cfg.model)  # builds the tiny tokenizer if this model uses it
-    if cfg.fsdp2.comm_buffers == "symm_mem":
-        # NCCL reads this when it creates its communicator: all-gathers into symmetric buffers then run on the copy
-        # engines (zero CTAs), not in kernels that share the SMs with compute.
-        os.environ.setdefault("NCCL_CTA_POLICY", "2")
     d = init_distributed()
     if d.world_size > 1:
         check_same_on_all_ranks("the composed config", OmegaConf.to_yaml(cfg, resolve=True))

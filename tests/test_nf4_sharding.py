@@ -35,6 +35,14 @@ def test_each_rank_holds_half_the_packed_bytes(results, storage):
         assert abs(b - total / 2) <= 0.01 * total
 
 
+def test_frozen_head_is_sharded(results, hsdp_results):
+    """The frozen LM head is sharded like the rest (TRL's fused head gathers it on use, shard.py): each rank holds
+    1/2 of its rows at 2 processes, and 1/2 with HSDP's shard groups of 2; the logits above stay bit-identical."""
+    for r in [*results, *hsdp_results]:
+        local, total = r["uint8"]["head_rows"]
+        assert local * 2 == total
+
+
 def test_eval_forward_does_not_corrupt_training(results):
     for r in results:
         assert r["eval_then_train_equal"]

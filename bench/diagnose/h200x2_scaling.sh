@@ -16,18 +16,16 @@
 #       q2-ch4         NCCL_MAX_NCHANNELS=4 (all-gathers on fewer SMs, so the matmuls beside them keep theirs)
 #       q2-again       q2 once more (its spread within the call)
 #       prof-2         profile=true (steps 4-5 profiled: profile.txt with the GPU-idle table, on the host of q1)
-#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh comm        prof-2 and prof-1 (profile=true, steps 4-5 profiled, on
-#                                                            one host: compute-kernel time against idle at 1 and 2
-#                                                            GPUs), and 2-GPU runs with fsdp2.comm_buffers=symm_mem
-#                                                            (copy-engine all-gathers) and =process_group, 8 steps
-#                                                            each, clocks logged (smi.csv; about 8 minutes)
 #   OUT=DIR bash bench/diagnose/h200x2_scaling.sh mb4         1 and 2 GPUs at micro-batch 4 (global batch 16: 4 and 2
-#                                                            micro-steps per step), then at the preset's 2, 8 steps
+#                                                            micro-steps per step), then at 2 (the preset's before
+#                                                            the seventh session), 8 steps
 #                                                            each: does doubling the work per launch close the gap,
 #                                                            and what does it cost in memory (about 6.5 minutes)
 #   OUT=DIR bash bench/diagnose/h200x2_scaling.sh profile-N   profile=true at N GPUs (1 or 2) for 8 steps: steps 4-5
 #                                                            profiled (profile.txt with the GPU-idle table), steps 6-8
 #                                                            unprofiled (about 6 minutes)
+# Every run takes the bench's llama8b preset less its step count (bench/diagnose/common.sh): micro batch 4 since the
+# seventh session; the runs of the sixth and seventh sessions were at micro batch 2 unless named mb4.
 # Throughput differs from host to host by up to a third (docs/BENCHMARKS.md, fifth session): compare GPU counts
 # only within one call.
 set -x
@@ -38,28 +36,13 @@ if [ "$1" = profile-1 ] || [ "$1" = profile-2 ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-$n > /tmp/d/prepare.log 2>&1
   run prof-$n $n profile=true trainer.max_steps=8 | tee $out/tokens.txt
   cp /tmp/d/prof-$n/profile.txt $out/profile_prof-$n.txt
-elif [ "$1" = comm ]; then
-  python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())" | tee $out/versions.txt
-  python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
-  nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
-    --format=csv -lms 1000 > $out/smi.csv 2>&1 &
-  smi=$!
-  {
-    run prof-2 2 profile=true trainer.max_steps=8
-    run q2-symm 2 trainer.max_steps=8 fsdp2.comm_buffers=symm_mem
-    run q2-pg 2 trainer.max_steps=8 fsdp2.comm_buffers=process_group
-    run prof-1 1 profile=true trainer.max_steps=8
-  } 2>&1 | tee $out/tokens.txt
-  kill $smi
-  for n in 1 2; do cp /tmp/d/prof-$n/profile.txt $out/profile_prof-$n.txt; done
-  grep -h -i "nccl\|symm\|error" /tmp/d/q2-symm.log | head -20
 elif [ "$1" = mb4 ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
   {
     run q1-mb4 1 trainer.max_steps=8 trainer.per_device_train_batch_size=4
     run q2-mb4 2 trainer.max_steps=8 trainer.per_device_train_batch_size=4
-    run q2 2 trainer.max_steps=8
-    run q1 1 trainer.max_steps=8
+    run q2 2 trainer.max_steps=8 trainer.per_device_train_batch_size=2
+    run q1 1 trainer.max_steps=8 trainer.per_device_train_batch_size=2
   } 2>&1 | tee $out/tokens.txt
 elif [ "$1" = pin ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1

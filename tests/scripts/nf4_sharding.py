@@ -80,7 +80,9 @@ for storage in ("uint8", "bfloat16"):
     for layer in layers:
         layer.reshard()
     sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
+    head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
     out[storage] = {
+        "head_rows": [head.to_local().shape[0], head.shape[0]] if isinstance(head, DTensor) else None,
         "logits_equal": torch.equal(logits, ref_logits),
         "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
         "n_grads": len(ref_grads),
