@@ -39,6 +39,7 @@ def test_frozen_head_is_sharded(results, hsdp_results):
     """The frozen LM head is sharded like the rest (TRL's fused head gathers it on use, shard.py): each rank holds
     1/2 of its rows at 2 processes, and 1/2 with HSDP's shard groups of 2; the logits above stay bit-identical."""
     for r in [*results, *hsdp_results]:
+        assert r["uint8"]["head_rows"] is not None, "the frozen head is not a DTensor: not sharded"
         local, total = r["uint8"]["head_rows"]
         assert local * 2 == total
 

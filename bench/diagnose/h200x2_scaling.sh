@@ -16,9 +16,8 @@
 #       q2-ch4         NCCL_MAX_NCHANNELS=4 (all-gathers on fewer SMs, so the matmuls beside them keep theirs)
 #       q2-again       q2 once more (its spread within the call)
 #       prof-2         profile=true (steps 4-5 profiled: profile.txt with the GPU-idle table, on the host of q1)
-#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh mb4         1 and 2 GPUs at micro-batch 4 (global batch 16: 4 and 2
-#                                                            micro-steps per step), then at 2 (the preset's before
-#                                                            the seventh session), 8 steps
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh mb4         1 and 2 GPUs at micro batch 4 (global batch 16: 4 and 2
+#                                                            micro-steps per step), then at micro batch 2, 8 steps
 #                                                            each: does doubling the work per launch close the gap,
 #                                                            and what does it cost in memory (about 6.5 minutes)
 #   OUT=DIR bash bench/diagnose/h200x2_scaling.sh profile-N   profile=true at N GPUs (1 or 2) for 8 steps: steps 4-5
