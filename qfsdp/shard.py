@@ -105,11 +105,11 @@ def parallelize(
     # road: TRL's fused LM head reads `lm_head.weight` directly, not through `lm_head.forward` (FSDP2's hooks), and
     # gathers a sharded (DTensor) weight itself with `full_tensor()`, keeping the full copy only until its own
     # backward, right after the loss. The head's shard therefore stays on the device, even with CPU offload (TRL
-    # computes where the weight is). Outside the loss each GPU then holds its share of the head (at 2 GPUs 0.49 of
-    # 0.98 GiB for the 8B shape), also in the backward of the last layers, where the memory peak comes while every
-    # layer's checkpointed input is still held. In the root the head would stay gathered from the start of forward
-    # to the end of backward. With one process per shard group there is nothing to shard: the head stays
-    # a plain weight (FSDP2's `ignored_params`). Tied to the embedding, both are one weight and stay in the root.
+    # computes where the weight is). Outside the loss each GPU then holds only its share of the head (at 2 GPUs 0.49
+    # of 0.98 GiB for the 8B shape), through the backward of the decoder layers too. In the root the head would stay
+    # gathered from the start of forward to the end of backward. With one process per shard group there is nothing
+    # to shard: the head stays a plain weight (FSDP2's `ignored_params`). Tied to the embedding, both are one weight
+    # and stay in the root.
     in_layers = {m for layer in layers for m in layer.modules()}
     embed, head = _embeddings(model)
     if embed is not None:
