@@ -75,7 +75,8 @@ def parallelize(
     shard = dict(mesh=mesh, mp_policy=mp_policy)
     # pin_memory needs a GPU; on CPU the offloaded shards are ordinary memory.
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    manage_frozen = cpu_offload or mesh.size(mesh.ndim - 1) > 1  # see the module docstring
+    sharding = mesh.size(mesh.ndim - 1) > 1  # more than one process per shard group
+    manage_frozen = cpu_offload or sharding  # see the module docstring
     for i, layer in enumerate(layers):
         # This rank's GPU holds its shards so far plus one layer in full precision, never the whole model.
         cast_frozen(layer, param_dtype)
@@ -121,7 +122,7 @@ def parallelize(
     if head is not None and not head.weight.requires_grad:
         cast_frozen(head, param_dtype)
         head.to(device)
-        if mesh.size(mesh.ndim - 1) > 1:
+        if sharding:
             # No reduce dtype (the head has no gradient to reduce): FSDP2's end-of-backward callback runs every
             # unit's post-backward, and with a reduce dtype set it reads the gathered parameter of a unit that was
             # never gathered through its hooks, which does not exist (AttributeError; torch 2.11 and 2.13 alike).
