@@ -57,6 +57,9 @@ class FSDP2Config:
     enabled: bool = True
     # Free each layer's gathered weights after its forward (less memory, one more all-gather in backward).
     reshard_after_forward: bool = True
+    # Each decoder layer's forward starts the next layer's all-gather, so it overlaps compute even when the host is
+    # barely ahead of the GPU (eager steps); holds two layers' gathered weights at a time in forward. See shard.py.
+    forward_prefetch: bool = True
     # Keep frozen weights' shards in CPU memory (LoRA A/B, their gradients and optimizer state stay on the device;
     # with full fine-tuning every weight is offloaded, gradients and optimizer state with it). See shard.py.
     offload: bool = False

@@ -6,6 +6,8 @@
    shards and gathers them byte-exactly; compute receives the gathered bytes as plain tensors, given their quant
    state by `attach_quant_states`), `torch.compile` it (`compile_layer`), and `fully_shard` it, before
    the next layer comes;
+   With frozen weights sharded (or offloaded), each layer's forward then starts the next layer's all-gather
+   (`prefetch_next_layer`);
 3. the input embeddings and the frozen head, each as its own FSDP2 unit (see below), then the root (final norm,
    buffers).
 
@@ -45,6 +47,7 @@ def parallelize(
     compile: bool,
     reshard_after_forward: bool,
     cpu_offload: bool,
+    forward_prefetch: bool = True,
     deterministic: bool = False,
 ) -> nn.Module:
     """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference)."""
@@ -101,6 +104,8 @@ def parallelize(
                     ignored_params=None if manage_frozen else set(frozen), **shard)
         if manage_frozen:
             attach_quant_states(layer, _linears_4bit(layer))
+    if manage_frozen and forward_prefetch:
+        prefetch_next_layer(layers)
     # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
     # 8B). As its own unit, the embedding is gathered only during its forward. So is a frozen head, by a different
     # road: TRL's fused LM head reads `lm_head.weight` directly, not through `lm_head.forward` (FSDP2's hooks), and
@@ -148,6 +153,19 @@ def parallelize(
     if manage_frozen:
         _check_4bit_shards(model)
     return model
+
+
+def prefetch_next_layer(layers: list[nn.Module]) -> None:
+    """Each decoder layer's forward starts the next layer's all-gather (FSDP2's explicit forward prefetch).
+
+    Without it FSDP2 issues a layer's all-gather in that layer's own forward pre-hook. In eager steps the host is
+    barely ahead of the GPU (launch-bound: the GPU idle 30% of an 8B step on an H200, docs/BENCHMARKS.md), so the
+    gather is issued about when the GPU reaches the layer, and compute waits for it: every forward gather is exposed.
+    Backward needs no such call: FSDP2 prefetches the next layer there by default. The cost is memory that forward
+    already held when the host ran ahead: two layers' gathered weights at a time.
+    """
+    for layer, following in zip(layers, layers[1:]):
+        layer.set_modules_to_forward_prefetch([following])
 
 
 def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False) -> None:

@@ -44,6 +44,13 @@ def test_frozen_head_is_sharded(results, hsdp_results):
         assert local * 2 == total
 
 
+def test_forward_prefetches_the_next_layer(results, hsdp_results):
+    """Each decoder layer's forward starts the next layer's all-gather (shard.prefetch_next_layer): in the tiny
+    model's forward (2 layers) FSDP2 prefetches layer 1, once."""
+    for r in [*results, *hsdp_results]:
+        assert r["uint8"]["next_layer_prefetched"] == ["1"], r["uint8"]["next_layer_prefetched"]
+
+
 def test_eval_forward_does_not_corrupt_training(results):
     for r in results:
         assert r["eval_then_train_equal"]

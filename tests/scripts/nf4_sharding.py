@@ -79,10 +79,18 @@ for storage in ("uint8", "bfloat16"):
         qs_kept &= torch.equal(gathered.quant_state.absmax, m_ref.weight.quant_state.absmax)
     for layer in layers:
         layer.reshard()
+    # Forward prefetch (shard.prefetch_next_layer): FSDP2 names each prefetch in the profiler's record
+    # ("FSDP::forward_prefetch for <module>"), issued from the previous layer's forward.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        sharded(input_ids=ids)
+    prefetched = sorted(e.name.rsplit(".", 1)[-1] for e in prof.events() if "FSDP::forward_prefetch" in e.name)
+    for unit in [*layers, sharded]:  # what the no-grad forward left gathered (the last layer, the root)
+        unit.reshard()
     sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
     head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
     out[storage] = {
         "head_rows": [head.to_local().shape[0], head.shape[0]] if isinstance(head, DTensor) else None,
+        "next_layer_prefetched": prefetched,
         "logits_equal": torch.equal(logits, ref_logits),
         "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
         "n_grads": len(ref_grads),
