@@ -5,9 +5,8 @@
    (bitsandbytes quantizes its weights as they arrive), make its packed 4-bit weights `NF4Weight`s (so FSDP2
    shards and gathers them byte-exactly; compute receives the gathered bytes as plain tensors, given their quant
    state by `attach_quant_states`), `torch.compile` it (`compile_layer`), and `fully_shard` it, before
-   the next layer comes;
-   With frozen weights sharded (or offloaded), each layer's forward then starts the next layer's all-gather
-   (`prefetch_next_layer`);
+   the next layer comes. With frozen weights sharded (or offloaded), each layer's forward then starts the next
+   layer's all-gather (`prefetch_next_layer`);
 3. the input embeddings and the frozen head, each as its own FSDP2 unit (see below), then the root (final norm,
    buffers).
 
