@@ -57,8 +57,8 @@ class FSDP2Config:
     enabled: bool = True
     # Free each layer's gathered weights after its forward (less memory, one more all-gather in backward).
     reshard_after_forward: bool = True
-    # Each decoder layer's forward starts the next layer's all-gather, so it overlaps compute even when the host is
-    # barely ahead of the GPU (eager steps); holds two layers' gathered weights at a time in forward. See shard.py.
+    # Each decoder layer's forward starts the next layer's all-gather, so it can overlap compute even when the host
+    # is barely ahead of the GPU (eager steps); two layers' gathered weights at a time in forward. See shard.py.
     forward_prefetch: bool = True
     # Keep frozen weights' shards in CPU memory (LoRA A/B, their gradients and optimizer state stay on the device;
     # with full fine-tuning every weight is offloaded, gradients and optimizer state with it). See shard.py.
@@ -110,9 +110,9 @@ class TrainerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    # transformers' own default on torch >= 2.8 (so the stock recipe's too): one fused kernel per parameter group
-    # instead of a dozen foreach ops, which in eager steps cost about 15 ms of host time per optimizer step (8B
-    # shape, r=16, on an H200: docs/BENCHMARKS.md).
+    # transformers' own default on torch >= 2.8 (so the stock recipe's too): one fused op per parameter group
+    # instead of a dozen foreach ops. The optimizer phase of an 8B-shape step (r=16) took 10.4-10.5 ms with it and
+    # 14.5-22.6 ms with foreach on H200s (different machines; docs/BENCHMARKS.md, eighth session).
     optim: str = "adamw_torch_fused"
     logging_steps: int = 1
     # Off, unlike transformers' default: with it on, a NaN or inf loss is logged as the average of earlier losses

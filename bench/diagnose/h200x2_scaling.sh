@@ -20,10 +20,13 @@
 #                                                            micro-steps per step), then at micro batch 2, 8 steps
 #                                                            each: does doubling the work per launch close the gap,
 #                                                            and what does it cost in memory (about 6.5 minutes)
-#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh prefetch    the bench's rows stock-1, qfsdp-1, qfsdp-2 and checks
-#                                                            (bench/gpu.sh; results.md, results.json, bench.tar.gz),
-#                                                            then 2 GPUs with fsdp2.forward_prefetch false and true, 8
-#                                                            steps each (about 8.5 minutes)
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh knobs       the eighth session's two changes, each turned off on its
+#                                                            own, on one host: q1 and q2 (defaults), q2-nopf
+#                                                            (fsdp2.forward_prefetch=false), q2-foreach and q1-foreach
+#                                                            (trainer.optim=adamw_torch), 8 steps each (about 8.5
+#                                                            minutes; not run yet: call K's version ran the bench's rows
+#                                                            first and cut its 2-GPU runs at 90 s each, before they
+#                                                            printed anything)
 #   OUT=DIR bash bench/diagnose/h200x2_scaling.sh profile-N   profile=true at N GPUs (1 or 2) for 8 steps: steps 4-5
 #                                                            profiled (profile.txt with the GPU-idle table), steps 6-8
 #                                                            unprofiled (about 6 minutes)
@@ -47,13 +50,14 @@ elif [ "$1" = mb4 ]; then
     run q2 2 trainer.max_steps=8 trainer.per_device_train_batch_size=2
     run q1 1 trainer.max_steps=8 trainer.per_device_train_batch_size=2
   } 2>&1 | tee $out/tokens.txt
-elif [ "$1" = prefetch ]; then
-  BENCH_SECONDS=${BENCH_SECONDS:-420} bash bench/gpu.sh /tmp/d/bench all:stock-1,qfsdp-1,qfsdp-2
-  cp /tmp/d/bench/results.md /tmp/d/bench/results.json $out/
-  tar czf $out/bench.tar.gz -C /tmp/d bench
+elif [ "$1" = knobs ]; then
+  python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
   {
-    timeout 90 bash -c ". bench/diagnose/common.sh; run q2-nopf 2 trainer.max_steps=8 fsdp2.forward_prefetch=false"
-    timeout 90 bash -c ". bench/diagnose/common.sh; run q2-pf 2 trainer.max_steps=8"
+    run q1 1 trainer.max_steps=8
+    run q2 2 trainer.max_steps=8
+    run q2-nopf 2 trainer.max_steps=8 fsdp2.forward_prefetch=false
+    run q2-foreach 2 trainer.max_steps=8 trainer.optim=adamw_torch
+    run q1-foreach 1 trainer.max_steps=8 trainer.optim=adamw_torch
   } 2>&1 | tee $out/tokens.txt
 elif [ "$1" = pin ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
