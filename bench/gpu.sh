@@ -11,6 +11,9 @@
 # device call lasts at most 10), and OUT then gets the merged results.json / results.md / plots, host.txt,
 # bench.log and extras.tar.gz (every row's metrics, summary, profile and the lane logs).
 #
+# BENCH_SET="KEY=VALUE ..." applies those overrides to every qfsdp row (`bench run --set`; the stock recipe stays the
+# baseline), e.g. BENCH_SET=fsdp2.layers_per_unit=2. BENCH_SECONDS (default 540) is when lanes stop starting rows.
+#
 # Carried along: .gpu-site/ (make-site.sh's default packages) and .gpu-wheels/transformers-5.23.0-*.whl (the
 # host's transformers 5.17 lacks the Trainer path for models sharded before training).
 set -uo pipefail
@@ -31,9 +34,10 @@ all_rows=$(for lane in "$@"; do echo "${lane#*:}"; done | paste -sd, -)
 # checkpoints and tokenizers first, once: lanes would otherwise race to build the same ones
 python3 -m qfsdp.bench prepare --rows "$all_rows" > /tmp/qfsdp-lanes/prepare.log 2>&1 || tail -20 /tmp/qfsdp-lanes/prepare.log
 
+set_args=(); for kv in ${BENCH_SET:-}; do set_args+=(--set "$kv"); done
 run_lane() {  # GPUS ROWS DIR
   CUDA_VISIBLE_DEVICES=$1 python3 -m qfsdp.bench run "$3" --rows "$2" --rows-dir /tmp/qfsdp-bench-rows \
-    --stop-at "$stop_at" > "$3.log" 2>&1
+    --stop-at "$stop_at" "${set_args[@]}" > "$3.log" 2>&1
 }
 sources=() pids=() i=0
 for lane in "$@"; do

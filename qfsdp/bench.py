@@ -2,6 +2,7 @@
 (`qfsdp.stock`), on one host, in one command.
 
     python -m qfsdp.bench run OUT [--preset llama8b|tiny] [--rows NAME,NAME...]   # run rows, write the report
+                                  [--set KEY=VALUE ...]      # overrides for every qfsdp row (not the baseline)
     python -m qfsdp.bench report OUT SRC [SRC...]                                  # merge runs, redo report + checks
     python -m qfsdp.bench prepare --rows NAME,NAME...     # build the rows' checkpoints first (before parallel lanes)
 
@@ -92,11 +93,12 @@ def _env() -> dict:
             "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> dict:
+def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int, extra: tuple[str, ...] = ()) -> dict:
     row_spec = ROWS[name]
-    runner, world_size, overrides = row_spec.runner, row_spec.world_size, list(row_spec.overrides)
+    runner, world_size = row_spec.runner, row_spec.world_size
+    args = row_config(name, preset, extra)
+    overrides = [*row_spec.overrides, *(extra if runner == "qfsdp" else ())]
     run_dir = rows_dir / name
-    args = row_config(name, preset)
     if runner == "qfsdp":
         cmd = [sys.executable, str(ROOT / "launch.py"), f"world_size={world_size}", *args, f"hydra.run.dir={run_dir}"]
     else:
@@ -129,9 +131,11 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int) -> 
     return row
 
 
-def row_config(name: str, preset: list[str]):
+def row_config(name: str, preset: list[str], extra: tuple[str, ...] = ()):
+    """The row's overrides: the preset's (unless the row is a whole recipe), the row's own, then `extra` (`run
+    --set`), which applies to qfsdp rows only: the stock recipe is the fixed baseline."""
     spec = ROWS[name]
-    return [*(preset if spec.preset else []), *spec.overrides]
+    return [*(preset if spec.preset else []), *spec.overrides, *(extra if spec.runner == "qfsdp" else ())]
 
 
 def prepare(names: list[str], preset: list[str]) -> None:
@@ -185,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--timeout", type=int, default=900, help="seconds per row")
     r.add_argument("--rows-dir", type=Path, help="where each row's run directory goes (default OUT/rows)")
     r.add_argument("--stop-at", type=float, help="epoch seconds: start no row after this (less 60 s), cut rows there")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every qfsdp row (not the stock baseline), e.g. "
+                        "fsdp2.layers_per_unit=2; repeatable")
     pr = sub.add_parser("prepare", help="build the checkpoints and tokenizers the rows need")
     pr.add_argument("--preset", default="llama8b", choices=sorted(PRESETS))
     pr.add_argument("--rows", required=True)
@@ -216,9 +223,16 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [n for n in names if n not in ROWS]
         if unknown:
             p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-        a.out.mkdir(parents=True, exist_ok=True)
         preset = PRESETS[a.preset]
-        meta = {"preset": a.preset, "preset_overrides": preset, "ceiling": matmul_ceiling(),
+        extra = tuple(a.set)
+        if extra:  # a bad override fails here, before any row starts
+            try:
+                compose_config([*preset, *extra])
+            except Exception as e:  # Hydra's own message names the key or value
+                p.error(f"--set {' '.join(extra)}: {e}")
+        a.out.mkdir(parents=True, exist_ok=True)
+        meta = {"preset": a.preset, "preset_overrides": preset, "qfsdp_overrides": list(extra),
+                "ceiling": matmul_ceiling(),
                 "flops_per_token": flops_per_token(compose_config(preset)), "warmup_steps": WARMUP,
                 "host": os.uname().nodename}
         rows = []
@@ -229,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({"name": name, "runner": ROWS[name].runner, "world_size": ROWS[name].world_size,
                                  "status": "skipped", "error": "not started: --stop-at reached", "wall_s": 0.0})
                     continue
-                rows.append(run_row(name, preset, a.rows_dir or a.out / "rows", log, int(min(a.timeout, left))))
+                rows.append(run_row(name, preset, a.rows_dir or a.out / "rows", log, int(min(a.timeout, left)),
+                                    extra))
                 report(a.out, rows, meta)  # after every row: a cut-off call keeps what finished
                 print(f"{name}: {rows[-1]['status']} {rows[-1].get('tokens_per_second', 0):.0f} tokens/s "
                       f"({rows[-1]['wall_s']:.0f}s)", flush=True)

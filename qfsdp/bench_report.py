@@ -119,6 +119,7 @@ def table(rows: list[dict], meta: dict, results) -> str:
     fpt = meta["flops_per_token"]
     lines = [
         f"Preset `{meta['preset']}`: {' '.join(meta['preset_overrides'])}",
+        *([f"Every qfsdp row also: {' '.join(meta['qfsdp_overrides'])}"] if meta.get("qfsdp_overrides") else []),
         "",
         f"bf16 matmul ceiling: {f'{ceiling:.0f} TFLOP/s' if ceiling else 'n/a (no GPU)'} "
         f"({(meta.get('ceiling') or {}).get('device', 'cpu')}; merged reports: each row's own call's); "

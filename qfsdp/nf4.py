@@ -121,7 +121,9 @@ class NF4Weight(torch.Tensor):
             pad = local.new_zeros((padded_rows - local.size(0), *local.shape[1:]))
             local = torch.cat([local, pad])
         # Gathered as integers of the storage's width: bytes move exactly (no float semantics, NaN patterns
-        # included), and the shape stays the one FSDP2 checks padded shards against.
+        # included), and the shape stays the one FSDP2 checks padded shards against. A unit of other dtypes too is
+        # gathered as one byte buffer; a unit of these weights alone, in 2-byte storage, would be gathered as int16,
+        # which NCCL has no type for: every unit qfsdp builds holds other floats beside them (shard._small_frozen).
         return (local.contiguous().view(_SAME_WIDTH_INT[local.element_size()]),), (self.packed.dtype,)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
@@ -136,11 +138,38 @@ class NF4Weight(torch.Tensor):
         return gathered.view(storage_dtype), (gathered,)
 
 
-# FSDP2 calls `inspect.signature` on `fsdp_pre_all_gather` at every all-gather of every 4-bit weight it manages (it
-# accepts two calling conventions): 7 weights x 63 gathers per micro-step for the 8B shape at 2+ GPUs or with
-# offload. A precomputed `__signature__` (which `inspect.signature` returns first) cuts each lookup from 14.6 to
-# 4.3 us (timeit on the development CPU, Python 3.11).
-NF4Weight.fsdp_pre_all_gather.__signature__ = inspect.signature(NF4Weight.fsdp_pre_all_gather)
+class _SignedMethod:
+    """A method whose bound form carries its signature, so `inspect.signature` of it is a lookup.
+
+    FSDP2 calls `inspect.signature` on `fsdp_pre_all_gather`, bound to the tensor, at every all-gather of every 4-bit
+    weight it manages (it accepts two calling conventions): 7 weights x 63 gathers per micro-step for the 8B shape at
+    2+ GPUs or with offload, on the host of steps that wait on the host. For a bound method `inspect.signature`
+    builds a new `Signature` each time (the function's, less `self`): 6.1 us a lookup on the development CPU even
+    with the function's own signature precomputed (21.5 us without), against 2.0 us for this callable, which
+    carries its `__signature__`; at 2 processes a 32-layer micro-step makes 7,902 fewer Python calls
+    (bench/diagnose/host_overhead.py; `tests/test_nf4_unit.py` times both kinds of lookup).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        self.signature = inspect.Signature(params)
+
+    def __get__(self, obj, objtype=None):
+        return self.fn if obj is None else _Bound(self.fn, obj, self.signature)
+
+
+class _Bound:
+    __slots__ = ("fn", "obj", "__signature__")
+
+    def __init__(self, fn, obj, signature):
+        self.fn, self.obj, self.__signature__ = fn, obj, signature
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.obj, *args, **kwargs)
+
+
+NF4Weight.fsdp_pre_all_gather = _SignedMethod(NF4Weight.fsdp_pre_all_gather)
 
 
 def _flat(args, kwargs):

@@ -1,12 +1,12 @@
 """Place and parallelize the model, in the order it must happen (as torchtitan does):
 
 1. activation checkpointing per decoder layer (transformers' own, non-reentrant);
-2. per decoder layer, one at a time: cast its frozen weights to the compute dtype, move it to the device
-   (bitsandbytes quantizes its weights as they arrive), make its packed 4-bit weights `NF4Weight`s (so FSDP2
-   shards and gathers them byte-exactly; compute receives the gathered bytes as plain tensors, given their quant
-   state by `attach_quant_states`), `torch.compile` it (`compile_layer`), and `fully_shard` it, before
-   the next layer comes. With frozen weights sharded (or offloaded), each layer's forward then starts the next
-   layer's all-gather (`prefetch_next_layer`);
+2. per unit of `layers_per_unit` consecutive decoder layers (default 1), one unit at a time: cast its layers'
+   frozen weights to the compute dtype, move them to the device (bitsandbytes quantizes weights as they arrive),
+   make their packed 4-bit weights `NF4Weight`s (so FSDP2 shards and gathers them byte-exactly; compute receives
+   the gathered bytes as plain tensors, given their quant state by `attach_quant_states`), `torch.compile` each
+   layer (`compile_layer`), and `fully_shard` the unit, before the next unit comes. With frozen weights sharded (or
+   offloaded), each unit's forward then starts the next unit's all-gather (`prefetch_next_unit`);
 3. the input embeddings and the frozen head, each as its own FSDP2 unit (see below), then the root (final norm,
    buffers).
 
@@ -15,6 +15,8 @@ Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSD
   weight into a second buffer before each use (for the 8B shape, 3.25 GiB twice per micro-step in thousands of small
   copies). Frozen weights are then left to their modules (`ignored_params`, as bitsandbytes made them); FSDP2
   manages only the trained ones (mixed precision, float32 gradients), exactly as when it shards;
+- frozen vectors in decoder layers (norm weights, biases) stay whole on every rank when FSDP2 shards the rest
+  without offload (`_small_frozen`: less host work per gather, 0.5 MB per GPU for the 8B shape);
 - CPU offload moves the frozen weights to CPU RAM (for the 8B shape, 3.25 GiB of 4-bit bytes); LoRA's A and B
   (modules whose weights are all trained), their gradients and AdamW state stay on the GPU, in one FSDP2 unit per
   layer (r=16: 4.2e7 weights x 16 bytes = 0.63 GiB, all ranks together). The optimizer step then runs on the GPU
@@ -47,9 +49,18 @@ def parallelize(
     reshard_after_forward: bool,
     cpu_offload: bool,
     forward_prefetch: bool = True,
+    layers_per_unit: int = 1,
     deterministic: bool = False,
 ) -> nn.Module:
-    """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference)."""
+    """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference).
+
+    `layers_per_unit` consecutive decoder layers form one FSDP2 unit (the last unit may hold fewer). Each unit costs
+    the host a fixed amount of work per all-gather and per reduce-scatter whatever its size (hooks, collective
+    launches, buffer copies), and eager steps wait on the host: on 2 H200s a micro-step of the 8B shape is 40-51 ms
+    longer than on one, about 0.7 ms per gather (docs/BENCHMARKS.md). Fewer, larger units cost the host less; each
+    unit's gathered weights are held whole, two units at a time with prefetch, so larger units hold more memory (for
+    the 8B shape at 2 GPUs, 0.1 GiB of gathered 4-bit weights per layer).
+    """
     layers = decoder_layers(model)
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -79,32 +90,37 @@ def parallelize(
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     sharding = mesh.size(mesh.ndim - 1) > 1  # more than one process per shard group
     manage_frozen = cpu_offload or sharding  # see the module docstring
-    for i, layer in enumerate(layers):
-        # This rank's GPU holds its shards so far plus one layer in full precision, never the whole model.
-        cast_frozen(layer, param_dtype)
-        layer.to(device)
-        _prepare_4bit(layer, manage_frozen)
-        if compile:
-            compile_layer(layer, activation_checkpointing, deterministic)
-        # The last layer's weights would be gathered again right away for backward: keep them (as torchtitan does).
-        # A unit that leaves the layer's frozen weights alone holds only its LoRA weights (~0.6% of an 8B layer):
+    units = [layers[i:i + layers_per_unit] for i in range(0, len(layers), layers_per_unit)]
+    for u, unit in enumerate(units):
+        for layer in unit:
+            # This rank's GPU holds its shards so far plus one unit in full precision, never the whole model.
+            cast_frozen(layer, param_dtype)
+            layer.to(device)
+            _prepare_4bit(layer, manage_frozen)
+            if compile:
+                compile_layer(layer, activation_checkpointing, deterministic)
+        # The last unit's weights would be gathered again right away for backward: keep them (as torchtitan does).
+        # A unit that leaves the layers' frozen weights alone holds only their LoRA weights (~0.6% of an 8B layer):
         # keep them all (full fine-tuning, with nothing frozen, still reshards).
-        frozen = _frozen(layer)
+        frozen = [p for layer in unit for p in _frozen(layer)]
         lora_only = not manage_frozen and bool(frozen)
-        reshard = reshard_after_forward and not lora_only and i < len(layers) - 1
-        trained = _trained_modules(layer)
+        reshard = reshard_after_forward and not lora_only and u < len(units) - 1
+        trained = [m for layer in unit for m in _trained_modules(layer)]
         if cpu_offload and trained and frozen:
-            # One unit for the layer's LoRA modules (`fully_shard([...])`: one gather and one reduce for all). A unit
+            # One unit for the LoRA modules (`fully_shard([...])`: one gather and one reduce for all). A unit
             # per LoRA module (448 units, each gathered and reduced on its own) ran at 4,637 tokens/s against 10,111
             # on 2 H200s and came no closer to the losses without offload (docs/bench-h200x4-run4/call-p3-results.md).
             # With compile=true the LoRA units' FSDP2 hooks (kept out of torch.compile) split each compiled part.
             fully_shard(trained, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **shard)
-        fully_shard(layer, reshard_after_forward=reshard, offload_policy=offload,
-                    ignored_params=None if manage_frozen else set(frozen), **shard)
+        # Several layers in one unit (`fully_shard([...])`): one all-gather and one reduce-scatter for all of them
+        # (see layers_per_unit above).
+        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=reshard, offload_policy=offload,
+                    ignored_params=set(frozen) if not manage_frozen else _small_frozen(frozen, cpu_offload), **shard)
         if manage_frozen:
-            attach_quant_states(layer, _linears_4bit(layer))
+            for layer in unit:
+                attach_quant_states(layer, _linears_4bit(layer))
     if manage_frozen and forward_prefetch:
-        prefetch_next_layer(layers)
+        prefetch_next_unit([unit[0] for unit in units])
     # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
     # 8B). As its own unit, the embedding is gathered only during its forward. So is a frozen head, by a different
     # road: TRL's fused LM head reads `lm_head.weight` directly, not through `lm_head.forward` (FSDP2's hooks), and
@@ -154,18 +170,19 @@ def parallelize(
     return model
 
 
-def prefetch_next_layer(layers: list[nn.Module]) -> None:
-    """Each decoder layer's forward starts the next layer's all-gather (FSDP2's explicit forward prefetch).
+def prefetch_next_unit(units: list[nn.Module]) -> None:
+    """Each decoder layer unit's forward starts the next unit's all-gather (FSDP2's explicit forward prefetch);
+    `units` holds one layer of each unit (the unit's FSDP2 state is shared by its layers).
 
-    Without it FSDP2 issues a layer's all-gather in that layer's own forward pre-hook, and it overlaps compute only
+    Without it FSDP2 issues a unit's all-gather in the unit's own forward pre-hook, and it overlaps compute only
     if the host runs ahead of the GPU. Eager steps of the 8B shape are launch-bound (the GPU idle about 30% of a step
-    on an H200, docs/BENCHMARKS.md), so the host may reach a layer about when the GPU does. Backward needs no such
-    call: FSDP2 prefetches the next layer there by default. Cost: two layers' gathered weights at a time in forward,
+    on an H200, docs/BENCHMARKS.md), so the host may reach a unit about when the GPU does. Backward needs no such
+    call: FSDP2 prefetches the next unit there by default. Cost: two units' gathered weights at a time in forward,
     as when the host runs ahead. Measured on 2 × H200 (eighth session): no visible change in throughput (1.892x one
     GPU with it, 1.884x without, on two machines) or in peak memory.
     """
-    for layer, following in zip(layers, layers[1:]):
-        layer.set_modules_to_forward_prefetch([following])
+    for unit, following in zip(units, units[1:]):
+        unit.set_modules_to_forward_prefetch([following])
 
 
 def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False) -> None:
@@ -210,6 +227,23 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
 
 def _frozen(module: nn.Module, recurse: bool = True) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=recurse) if not p.requires_grad]
+
+
+def _small_frozen(frozen: list[nn.Parameter], cpu_offload: bool) -> set[nn.Parameter]:
+    """Frozen vectors (norm weights, biases of frozen linears) that stay whole on every rank, outside FSDP2, where
+    FSDP2 shards a unit's other frozen weights (see the module docstring).
+
+    FSDP2's host work per gather grows with the number of parameters in the unit, whatever their size (swapping each
+    into its module and out, allocating and freeing its gathered storage): about 50 Python calls per parameter per
+    gather. A Llama layer's two norm weights are 2 of its 23 parameters at 2+ GPUs and 16 KB of 0.1 GiB for the 8B
+    shape (4096 x 2 x 2 bytes): replicated, they cost 0.5 MB per GPU for all 32 layers, and at 2 processes a
+    32-layer micro-step makes 6,276 fewer Python calls (bench/diagnose/host_overhead.py, docs/BENCHMARKS.md).
+
+    With CPU offload they stay in the unit: its LoRA weights are a unit of their own there, and a unit of 4-bit
+    weights alone would be gathered as 16-bit integers (nf4.NF4Weight.fsdp_pre_all_gather), for which NCCL has no
+    type and gloo fails ("Invalid scalar type"); beside the norms' floats FSDP2 gathers the unit as bytes.
+    """
+    return set() if cpu_offload else {p for p in frozen if p.dim() <= 1}
 
 
 def _trained_modules(module: nn.Module) -> list[nn.Module]:

@@ -25,6 +25,11 @@ TINY_ARCHITECTURES = {
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
     ),
+    # Four layers: room for FSDP2 units of several layers that are resharded and gathered again (tests).
+    "tiny_4layers": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
     "tiny_qwen2": dict(
         model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,

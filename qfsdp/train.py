@@ -103,7 +103,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     parallelize(
         model, mesh, d.device, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
         compile=cfg.compile, reshard_after_forward=cfg.fsdp2.reshard_after_forward, cpu_offload=cfg.fsdp2.offload,
-        forward_prefetch=cfg.fsdp2.forward_prefetch,
+        forward_prefetch=cfg.fsdp2.forward_prefetch, layers_per_unit=cfg.fsdp2.layers_per_unit,
         deterministic=cfg.deterministic,
     )
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).

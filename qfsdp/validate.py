@@ -100,6 +100,9 @@ def _check_parallelism(cfg: DictConfig, world_size: int) -> None:
     if not cfg.fsdp2.enabled and world_size > 1:
         raise ConfigError(f"fsdp2=off runs one unsharded process but world_size={world_size}; "
                           f"use world_size=1, or fsdp2=default to shard")
+    if cfg.fsdp2.layers_per_unit < 1:
+        raise ConfigError(f"fsdp2.layers_per_unit={cfg.fsdp2.layers_per_unit} must be at least 1 (decoder layers per "
+                          f"FSDP2 unit; 1 = one unit per layer)")
     replicate = cfg.fsdp2.replicate
     if replicate < 1:
         raise ConfigError(f"fsdp2.replicate={replicate} must be at least 1 (1 = plain FSDP, no replica groups)")

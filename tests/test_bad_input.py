@@ -101,6 +101,12 @@ def test_gpu_memory_limit_must_be_positive():
     assert "gpu_memory_limit_gib=0" in _error("gpu_memory_limit_gib=0")
 
 
+def test_layers_per_unit_must_be_positive():
+    assert validate(_cfg("fsdp2.layers_per_unit=2", "world_size=2"), CPU) == 2
+    msg = _error("fsdp2.layers_per_unit=0", "world_size=2")
+    assert "fsdp2.layers_per_unit=0" in msg and "at least 1" in msg
+
+
 def test_hsdp_replicas_must_divide_world_size():
     assert validate(_cfg("fsdp2=hsdp", "world_size=4"), CPU) == 4
     msg = _error("fsdp2=hsdp", "world_size=3", "trainer.global_batch_size=6")

@@ -33,6 +33,22 @@ def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
     assert result.returncode == 0 and "| stock-1 | ok | 1 |" in (merged / "results.md").read_text()
 
 
+def test_set_overrides_qfsdp_rows_not_the_baseline(tmp_path):
+    """`run --set KEY=VALUE` tries a setting across the matrix (e.g. fsdp2.layers_per_unit=2); the stock recipe
+    stays the fixed baseline, and a bad key fails before any row starts."""
+    from qfsdp.bench import PRESETS, row_config
+    from qfsdp.config import compose_config
+
+    extra = ("fsdp2.layers_per_unit=2",)
+    assert row_config("qfsdp-2-offload", PRESETS["tiny"], extra)[-2:] == ["fsdp2=offload", *extra]
+    assert compose_config(row_config("qfsdp-2-offload", PRESETS["tiny"], extra)).fsdp2.layers_per_unit == 2
+    assert not set(extra) & set(row_config("stock-1", PRESETS["tiny"], extra))
+    result = run_cmd([sys.executable, "-m", "qfsdp.bench", "run", str(tmp_path / "b"), "--preset", "tiny",
+                      "--rows", "qfsdp-1", "--set", "fsdp2.layers_per_units=2"])
+    assert result.returncode == 2 and "layers_per_units" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_gpu_host_scripts_name_real_rows():
     """The per-host scripts (bench/h200x*.sh) run on GPU hosts only: a misspelled row would cost a device call."""
     import re

@@ -35,6 +35,15 @@ def test_each_rank_holds_half_the_packed_bytes(results, storage):
         assert abs(b - total / 2) <= 0.01 * total
 
 
+def test_frozen_vectors_stay_whole_outside_fsdp2(results, hsdp_results):
+    """A decoder layer's norm weights (frozen vectors) are not sharded: fewer parameters per gather, 16 KB per layer
+    for the 8B shape (shard._small_frozen); the logits above stay bit-identical."""
+    for r in [*results, *hsdp_results]:
+        vectors = r["uint8"]["layer_vectors_whole"]
+        assert len(vectors) == 4, vectors  # the tiny model: 2 layers x 2 norms
+        assert not any(is_dtensor for _, is_dtensor in vectors), vectors
+
+
 def test_frozen_head_is_sharded(results, hsdp_results):
     """The frozen LM head is sharded like the rest (TRL's fused head gathers it on use, shard.py): each rank holds
     1/2 of its rows at 2 processes, and 1/2 with HSDP's shard groups of 2; the logits above stay bit-identical."""
@@ -45,10 +54,20 @@ def test_frozen_head_is_sharded(results, hsdp_results):
 
 
 def test_forward_prefetches_the_next_layer(results, hsdp_results):
-    """Each decoder layer's forward starts the next layer's all-gather (shard.prefetch_next_layer): in the tiny
+    """Each decoder layer's forward starts the next layer's all-gather (shard.prefetch_next_unit): in the tiny
     model's forward (2 layers) FSDP2 prefetches layer 1, once."""
     for r in [*results, *hsdp_results]:
         assert r["uint8"]["next_layer_prefetched"] == ["1"], r["uint8"]["next_layer_prefetched"]
+
+
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+def test_two_layers_per_unit_share_one_gather_and_compute_the_same(results, storage):
+    """fsdp2.layers_per_unit=2: the tiny model's two decoder layers are one FSDP2 unit (one state: one all-gather and
+    one reduce-scatter for both), and logits and LoRA gradients stay bit-identical to the unsharded model's."""
+    for rank in results:
+        r = rank[storage]
+        assert r["ungrouped_two_units"] and r["grouped_one_unit"]
+        assert r["grouped_equal"], "grouped layers compute differently"
 
 
 def test_eval_forward_does_not_corrupt_training(results):

@@ -27,6 +27,11 @@ CASES = {
     "compile_ws1": ["compile=true", "world_size=1"],
     "compile_ws2": ["compile=true", "world_size=2"],
     "compile_det_ws1": ["compile=true", "deterministic=true", "world_size=1"],
+    # four layers, FSDP2 units of two: the first unit is resharded after forward and gathered again in backward
+    "layers4_ws1": ["model.path=tiny_4layers", "world_size=1"],
+    "layers4_units2_ws2": ["model.path=tiny_4layers", "world_size=2", "fsdp2.layers_per_unit=2"],
+    "layers4_units2_offload_ws2": ["model.path=tiny_4layers", "world_size=2", "fsdp2=offload",
+                                   "fsdp2.layers_per_unit=2"],
     "reference_ws1_micro1": ["fsdp2=off", "precision=fp32", "world_size=1", "trainer.per_device_train_batch_size=1"],
     # micro batch 1: two micro-batches per step on each of the 4 ranks, so Trainer's deferred reduction during
     # accumulation (with HSDP: only the all-reduce across replicas waits) is part of what is compared
@@ -71,6 +76,8 @@ def _assert_same_training(a, b):
     ("default_ws1", "default_ws2"),          # bf16 mixed precision, the default
     ("offload_ws1", "offload_ws2"),          # CPU offload
     ("compile_ws1", "compile_ws2"),          # torch.compile (parts of each checkpointed layer)
+    ("layers4_ws1", "layers4_units2_ws2"),   # two decoder layers per FSDP2 unit
+    ("layers4_ws1", "layers4_units2_offload_ws2"),  # the same with CPU offload (and one LoRA unit per two layers)
     ("reference_ws1_micro1", "hsdp_fp32_ws4"),  # HSDP, 2 replica groups x 2 shards, same global batch
 ])
 def test_one_vs_two_processes(runs, one, two):

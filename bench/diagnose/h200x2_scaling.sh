@@ -27,6 +27,11 @@
 #                                                            minutes; not run yet: call K's version ran the bench's rows
 #                                                            first and cut its 2-GPU runs at 90 s each, before they
 #                                                            printed anything)
+#   OUT=DIR bash bench/diagnose/h200x2_scaling.sh units       FSDP2 units of one and of two decoder layers
+#                                                            (fsdp2.layers_per_unit=1|2) at 2 GPUs, then at 1, 10
+#                                                            steps each (tokens/s over steps 4-10; about 8 minutes):
+#                                                            fewer units, less host work per micro-step; peak memory
+#                                                            against the 0.75 bound
 #   OUT=DIR bash bench/diagnose/h200x2_scaling.sh profile-N   profile=true at N GPUs (1 or 2) for 8 steps: steps 4-5
 #                                                            profiled (profile.txt with the GPU-idle table), steps 6-8
 #                                                            unprofiled (about 6 minutes)
@@ -49,6 +54,14 @@ elif [ "$1" = mb4 ]; then
     run q2-mb4 2 trainer.max_steps=8 trainer.per_device_train_batch_size=4
     run q2 2 trainer.max_steps=8 trainer.per_device_train_batch_size=2
     run q1 1 trainer.max_steps=8 trainer.per_device_train_batch_size=2
+  } 2>&1 | tee $out/tokens.txt
+elif [ "$1" = units ]; then
+  python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1
+  {
+    run q2-u1 2 trainer.max_steps=10 fsdp2.layers_per_unit=1
+    run q2-u2 2 trainer.max_steps=10 fsdp2.layers_per_unit=2
+    run q1-u1 1 trainer.max_steps=10 fsdp2.layers_per_unit=1
+    run q1-u2 1 trainer.max_steps=10 fsdp2.layers_per_unit=2
   } 2>&1 | tee $out/tokens.txt
 elif [ "$1" = knobs ]; then
   python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1

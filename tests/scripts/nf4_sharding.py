@@ -79,13 +79,19 @@ for storage in ("uint8", "bfloat16"):
         qs_kept &= torch.equal(gathered.quant_state.absmax, m_ref.weight.quant_state.absmax)
     for layer in layers:
         layer.reshard()
-    # Forward prefetch (shard.prefetch_next_layer): FSDP2 names each prefetch in the profiler's record
+    # Forward prefetch (shard.prefetch_next_unit): FSDP2 names each prefetch in the profiler's record
     # ("FSDP::forward_prefetch for <module>"), issued from the previous layer's forward.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
         sharded(input_ids=ids)
     prefetched = sorted(e.name.rsplit(".", 1)[-1] for e in prof.events() if "FSDP::forward_prefetch" in e.name)
     for unit in [*layers, sharded]:  # what the no-grad forward left gathered (the last layer, the root)
         unit.reshard()
+    # Both decoder layers in one FSDP2 unit (fsdp2.layers_per_unit=2): one shared state, the same computation.
+    grouped = build(storage)
+    parallelize(grouped, mesh, d.device, param_dtype=torch.float32, activation_checkpointing=True, compile=False,
+                reshard_after_forward=True, cpu_offload=False, layers_per_unit=2)
+    grouped_logits, grouped_grads = loss_and_grads(grouped)
+    grouped_layers = grouped.base_model.model.model.layers
     sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
     head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
     out[storage] = {
@@ -94,6 +100,13 @@ for storage in ("uint8", "bfloat16"):
         "logits_equal": torch.equal(logits, ref_logits),
         "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
         "n_grads": len(ref_grads),
+        # norm weights stay whole on every rank, outside FSDP2 (shard._small_frozen)
+        "layer_vectors_whole": [(n, isinstance(q, DTensor)) for n, q in layers.named_parameters()
+                                if not q.requires_grad and q.dim() <= 1],
+        "grouped_one_unit": grouped_layers[0]._get_fsdp_state() is grouped_layers[1]._get_fsdp_state(),
+        "ungrouped_two_units": layers[0]._get_fsdp_state() is not layers[1]._get_fsdp_state(),
+        "grouped_equal": torch.equal(grouped_logits, ref_logits)
+        and all(torch.equal(grouped_grads[n], ref_grads[n]) for n in ref_grads),
         "bytes_equal": bool(bytes_equal),
         "quant_state_kept": bool(qs_kept),
         "sharded_local_is_nf4": isinstance(sharded_local.to_local(), NF4Weight),
