@@ -30,14 +30,16 @@ mkdir -p "$out" /tmp/qfsdp-lanes
   git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
 } | tee "$out/host.txt"
 
+# BENCH_SET split on whitespace only (no glob expansion: Hydra values may hold brackets)
+read -r -a set_kvs <<< "${BENCH_SET:-}"
+set_args=(); for kv in ${set_kvs[@]+"${set_kvs[@]}"}; do set_args+=(--set "$kv"); done
 all_rows=$(for lane in "$@"; do echo "${lane#*:}"; done | paste -sd, -)
 # checkpoints and tokenizers first, once: lanes would otherwise race to build the same ones
-python3 -m qfsdp.bench prepare --rows "$all_rows" > /tmp/qfsdp-lanes/prepare.log 2>&1 || tail -20 /tmp/qfsdp-lanes/prepare.log
+python3 -m qfsdp.bench prepare --rows "$all_rows" ${set_args[@]+"${set_args[@]}"} > /tmp/qfsdp-lanes/prepare.log 2>&1 || tail -20 /tmp/qfsdp-lanes/prepare.log
 
-set_args=(); for kv in ${BENCH_SET:-}; do set_args+=(--set "$kv"); done
 run_lane() {  # GPUS ROWS DIR
   CUDA_VISIBLE_DEVICES=$1 python3 -m qfsdp.bench run "$3" --rows "$2" --rows-dir /tmp/qfsdp-bench-rows \
-    --stop-at "$stop_at" "${set_args[@]}" > "$3.log" 2>&1
+    --stop-at "$stop_at" ${set_args[@]+"${set_args[@]}"} > "$3.log" 2>&1
 }
 sources=() pids=() i=0
 for lane in "$@"; do

@@ -97,7 +97,7 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int, ext
     row_spec = ROWS[name]
     runner, world_size = row_spec.runner, row_spec.world_size
     args = row_config(name, preset, extra)
-    overrides = [*row_spec.overrides, *(extra if runner == "qfsdp" else ())]
+    overrides = [*row_spec.overrides, *_extra_for(row_spec, extra)]
     run_dir = rows_dir / name
     if runner == "qfsdp":
         cmd = [sys.executable, str(ROOT / "launch.py"), f"world_size={world_size}", *args, f"hydra.run.dir={run_dir}"]
@@ -132,20 +132,24 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int, ext
 
 
 def row_config(name: str, preset: list[str], extra: tuple[str, ...] = ()):
-    """The row's overrides: the preset's (unless the row is a whole recipe), the row's own, then `extra` (`run
-    --set`), which applies to qfsdp rows only: the stock recipe is the fixed baseline."""
+    """The row's overrides: the preset's (unless the row is a whole recipe), the row's own, then `extra`."""
     spec = ROWS[name]
-    return [*(preset if spec.preset else []), *spec.overrides, *(extra if spec.runner == "qfsdp" else ())]
+    return [*(preset if spec.preset else []), *spec.overrides, *_extra_for(spec, extra)]
 
 
-def prepare(names: list[str], preset: list[str]) -> None:
+def _extra_for(spec: Row, extra: tuple[str, ...]) -> tuple[str, ...]:
+    """`run --set` overrides apply to qfsdp rows only: the stock recipe is the fixed baseline."""
+    return extra if spec.runner == "qfsdp" else ()
+
+
+def prepare(names: list[str], preset: list[str], extra: tuple[str, ...] = ()) -> None:
     """Build every checkpoint and tokenizer the rows need, once, before rows run (possibly several at a time)."""
     import torch
 
     from qfsdp.model import load_tokenizer, prepare_checkpoint
 
     for name in names:
-        cfg = compose_config(row_config(name, preset))
+        cfg = compose_config(row_config(name, preset, extra))
         prepare_checkpoint(cfg.model, getattr(torch, cfg.precision.dtype), full_finetune=not cfg.lora.enabled)
         if ROWS[name].runner == "stock":
             prepare_checkpoint(cfg.model, torch.bfloat16)  # the stock recipe loads bf16 weights
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     pr = sub.add_parser("prepare", help="build the checkpoints and tokenizers the rows need")
     pr.add_argument("--preset", default="llama8b", choices=sorted(PRESETS))
     pr.add_argument("--rows", required=True)
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for run")
     m = sub.add_parser("report")
     m.add_argument("out", type=Path, help="where to write the merged report")
     m.add_argument("sources", type=Path, nargs="+",
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     if a.cmd == "prepare":
-        prepare([n for n in a.rows.split(",") if n], PRESETS[a.preset])
+        prepare([n for n in a.rows.split(",") if n], PRESETS[a.preset], tuple(a.set))
     elif a.cmd == "report":
         by_name, meta = {}, {}
         for d in a.sources:

@@ -55,14 +55,15 @@ class LoraConfig:
 @dataclass
 class FSDP2Config:
     enabled: bool = True
-    # Free each layer's gathered weights after its forward (less memory, one more all-gather in backward).
+    # Free each unit's gathered weights after its forward (less memory, one more all-gather in backward).
     reshard_after_forward: bool = True
-    # Each decoder layer's forward starts the next layer's all-gather, so it can overlap compute even when the host
-    # is barely ahead of the GPU (eager steps); two layers' gathered weights at a time in forward. See shard.py.
+    # Each unit of decoder layers starts the next unit's all-gather in its forward, so it can overlap compute even
+    # when the host is barely ahead of the GPU (eager steps); two units' gathered weights at a time. See shard.py.
     forward_prefetch: bool = True
     # Consecutive decoder layers per FSDP2 unit: one all-gather and one reduce-scatter for all of them. Fewer units
     # cost the host less work per step (eager steps wait on it); each unit's weights are held whole while it runs,
-    # two units at a time with prefetch, so larger units hold more memory. See shard.parallelize.
+    # two units at a time with prefetch, so larger units hold more memory. At or above the layer count: one unit,
+    # never resharded (no memory saved by sharding the layers). See shard.parallelize.
     layers_per_unit: int = 1
     # Keep frozen weights' shards in CPU memory (LoRA A/B, their gradients and optimizer state stay on the device;
     # with full fine-tuning every weight is offloaded, gradients and optimizer state with it). See shard.py.

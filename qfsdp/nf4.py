@@ -121,9 +121,8 @@ class NF4Weight(torch.Tensor):
             pad = local.new_zeros((padded_rows - local.size(0), *local.shape[1:]))
             local = torch.cat([local, pad])
         # Gathered as integers of the storage's width: bytes move exactly (no float semantics, NaN patterns
-        # included), and the shape stays the one FSDP2 checks padded shards against. A unit of other dtypes too is
-        # gathered as one byte buffer; a unit of these weights alone, in 2-byte storage, would be gathered as int16,
-        # which NCCL has no type for: every unit qfsdp builds holds other floats beside them (shard._small_frozen).
+        # included), and the shape stays the one FSDP2 checks padded shards against. A unit must also hold
+        # parameters of another dtype, which makes FSDP2 gather it as bytes (see shard._frozen_vectors).
         return (local.contiguous().view(_SAME_WIDTH_INT[local.element_size()]),), (self.packed.dtype,)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):

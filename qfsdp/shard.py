@@ -15,14 +15,14 @@ Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSD
   weight into a second buffer before each use (for the 8B shape, 3.25 GiB twice per micro-step in thousands of small
   copies). Frozen weights are then left to their modules (`ignored_params`, as bitsandbytes made them); FSDP2
   manages only the trained ones (mixed precision, float32 gradients), exactly as when it shards;
-- frozen vectors in decoder layers (norm weights, biases) stay whole on every rank when FSDP2 shards the rest
-  without offload (`_small_frozen`: less host work per gather, 0.5 MB per GPU for the 8B shape);
+- frozen vectors in decoder layers (norm weights, biases) stay whole on every rank when FSDP2 shards the rest and
+  the unit holds LoRA weights too (`_frozen_vectors`: less host work per gather, 0.5 MB per GPU for the 8B shape);
 - CPU offload moves the frozen weights to CPU RAM (for the 8B shape, 3.25 GiB of 4-bit bytes); LoRA's A and B
-  (modules whose weights are all trained), their gradients and AdamW state stay on the GPU, in one FSDP2 unit per
-  layer (r=16: 4.2e7 weights x 16 bytes = 0.63 GiB, all ranks together). The optimizer step then runs on the GPU
-  with the same arithmetic as without offload, not as a CPU Adam between steps. (Equal losses are expected; on
-  GPUs that waits on strict `deterministic=true` being run there.) Trained weights that share a module with frozen
-  ones (`lora.bias`, full fine-tuning) stay with them in CPU RAM, their optimizer step on the CPU.
+  (modules whose weights are all trained), their gradients and AdamW state stay on the GPU, in one FSDP2 unit for
+  each unit of layers (r=16: 4.2e7 weights x 16 bytes = 0.63 GiB, all ranks together). The optimizer step then runs
+  on the GPU with the same arithmetic as without offload, not as a CPU Adam between steps. (Equal losses are
+  expected; on GPUs that waits on strict `deterministic=true` being run there.) Trained weights that share a module
+  with frozen ones (`lora.bias`, full fine-tuning) stay with them in CPU RAM, their optimizer step on the CPU.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def parallelize(
         lora_only = not manage_frozen and bool(frozen)
         reshard = reshard_after_forward and not lora_only and u < len(units) - 1
         trained = [m for layer in unit for m in _trained_modules(layer)]
+        # Frozen vectors stay whole where the unit keeps trained weights beside its 4-bit ones (see _frozen_vectors).
+        vectors = _frozen_vectors(frozen) if trained and not cpu_offload else set()
         if cpu_offload and trained and frozen:
             # One unit for the LoRA modules (`fully_shard([...])`: one gather and one reduce for all). A unit
             # per LoRA module (448 units, each gathered and reduced on its own) ran at 4,637 tokens/s against 10,111
@@ -115,7 +117,7 @@ def parallelize(
         # Several layers in one unit (`fully_shard([...])`): one all-gather and one reduce-scatter for all of them
         # (see layers_per_unit above).
         fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=reshard, offload_policy=offload,
-                    ignored_params=set(frozen) if not manage_frozen else _small_frozen(frozen, cpu_offload), **shard)
+                    ignored_params=vectors if manage_frozen else set(frozen), **shard)
         if manage_frozen:
             for layer in unit:
                 attach_quant_states(layer, _linears_4bit(layer))
@@ -229,8 +231,8 @@ def _frozen(module: nn.Module, recurse: bool = True) -> list[nn.Parameter]:
     return [p for p in module.parameters(recurse=recurse) if not p.requires_grad]
 
 
-def _small_frozen(frozen: list[nn.Parameter], cpu_offload: bool) -> set[nn.Parameter]:
-    """Frozen vectors (norm weights, biases of frozen linears) that stay whole on every rank, outside FSDP2, where
+def _frozen_vectors(frozen: list[nn.Parameter]) -> set[nn.Parameter]:
+    """Frozen vectors (norm weights, biases of frozen linears) to leave whole on every rank, outside FSDP2, where
     FSDP2 shards a unit's other frozen weights (see the module docstring).
 
     FSDP2's host work per gather grows with the number of parameters in the unit, whatever their size (swapping each
@@ -239,11 +241,13 @@ def _small_frozen(frozen: list[nn.Parameter], cpu_offload: bool) -> set[nn.Param
     shape (4096 x 2 x 2 bytes): replicated, they cost 0.5 MB per GPU for all 32 layers, and at 2 processes a
     32-layer micro-step makes 6,276 fewer Python calls (bench/diagnose/host_overhead.py, docs/BENCHMARKS.md).
 
-    With CPU offload they stay in the unit: its LoRA weights are a unit of their own there, and a unit of 4-bit
-    weights alone would be gathered as 16-bit integers (nf4.NF4Weight.fsdp_pre_all_gather), for which NCCL has no
-    type and gloo fails ("Invalid scalar type"); beside the norms' floats FSDP2 gathers the unit as bytes.
+    Only for units that keep trained (LoRA) weights beside their 4-bit ones: not with CPU offload (LoRA weights are
+    a unit of their own there), nor for layers that LoRA's `target_modules` leaves out. The packed 4-bit weights are
+    gathered as 16-bit integers (nf4.NF4Weight.fsdp_pre_all_gather), for which NCCL has no type and gloo fails
+    ("Invalid scalar type"); FSDP2 gathers a unit of mixed dtypes as one byte buffer instead, so a unit must not be
+    left with 4-bit weights alone.
     """
-    return set() if cpu_offload else {p for p in frozen if p.dim() <= 1}
+    return {p for p in frozen if p.dim() <= 1}
 
 
 def _trained_modules(module: nn.Module) -> list[nn.Module]:

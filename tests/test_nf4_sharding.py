@@ -37,7 +37,7 @@ def test_each_rank_holds_half_the_packed_bytes(results, storage):
 
 def test_frozen_vectors_stay_whole_outside_fsdp2(results, hsdp_results):
     """A decoder layer's norm weights (frozen vectors) are not sharded: fewer parameters per gather, 16 KB per layer
-    for the 8B shape (shard._small_frozen); the logits above stay bit-identical."""
+    for the 8B shape (shard._frozen_vectors); the logits above stay bit-identical."""
     for r in [*results, *hsdp_results]:
         vectors = r["uint8"]["layer_vectors_whole"]
         assert len(vectors) == 4, vectors  # the tiny model: 2 layers x 2 norms
@@ -60,14 +60,24 @@ def test_forward_prefetches_the_next_layer(results, hsdp_results):
         assert r["uint8"]["next_layer_prefetched"] == ["1"], r["uint8"]["next_layer_prefetched"]
 
 
-@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
-def test_two_layers_per_unit_share_one_gather_and_compute_the_same(results, storage):
-    """fsdp2.layers_per_unit=2: the tiny model's two decoder layers are one FSDP2 unit (one state: one all-gather and
-    one reduce-scatter for both), and logits and LoRA gradients stay bit-identical to the unsharded model's."""
+def test_two_layers_per_unit_share_one_gather_and_compute_the_same(results):
+    """fsdp2.layers_per_unit=2 on a 4-layer model: two FSDP2 units of two layers (each one state: one all-gather and
+    one reduce-scatter for both layers), the first prefetching the second, units {0, 1} resharded after forward and
+    gathered again in backward; logits and LoRA gradients bit-identical to the unsharded model's."""
     for rank in results:
-        r = rank[storage]
-        assert r["ungrouped_two_units"] and r["grouped_one_unit"]
-        assert r["grouped_equal"], "grouped layers compute differently"
+        r = rank["units_of_two"]
+        assert r["units"] == 2 and r["prefetched"] == ["2+3"], r
+        assert r["equal"], "grouped layers compute differently"
+
+
+def test_layers_without_lora_keep_their_norms_in_the_unit(results):
+    """A unit with 4-bit weights but no LoRA keeps its norm weights in FSDP2 (shard._frozen_vectors): alone, the 4-bit
+    weights would be gathered as 16-bit integers, which gloo refuses ("Invalid scalar type") and NCCL has no type for.
+    The model trains exactly as unsharded, with one unit per layer."""
+    for rank in results:
+        r = rank["lora_on_layer_0_only"]
+        assert r["lora_layers"] == ["0"], r
+        assert r["units"] == 4 and r["prefetched"] == ["1", "2", "3"] and r["equal"], r
 
 
 def test_eval_forward_does_not_corrupt_training(results):

@@ -29,8 +29,10 @@ def test_packed_bytes_are_a_float_parameter_for_fsdp2():
 
 def test_fsdp2_reads_the_pre_all_gather_signature_by_lookup():
     """FSDP2 calls `inspect.signature(tensor.fsdp_pre_all_gather)` at every gather of every 4-bit weight: the bound
-    form carries its signature (nf4._SignedMethod), FSDP2's five-argument convention, and is answered far faster
-    than a plain bound method of the same function (measured 6.5 vs ~0.5 us)."""
+    form carries its signature (nf4._SignedMethod), FSDP2's five-argument convention, and is answered faster than a
+    bound method whose function has its signature precomputed, the previous way (measured 2.0 vs 6.1 us; the best
+    of 5 repeats of each, so a loaded machine slows both alike)."""
+    import functools
     import inspect
     import timeit
     import types
@@ -40,8 +42,14 @@ def test_fsdp2_reads_the_pre_all_gather_signature_by_lookup():
     weight = lin.weight.data
     signed = inspect.signature(weight.fsdp_pre_all_gather)
     assert list(signed.parameters) == ["mesh", "outer_size", "outer_stride", "module", "mp_policy"]
-    plain = types.MethodType(NF4Weight.fsdp_pre_all_gather, weight)
-    assert inspect.signature(plain) == signed
+
+    @functools.wraps(NF4Weight.fsdp_pre_all_gather)
+    def previous(*args, **kwargs):
+        return NF4Weight.fsdp_pre_all_gather(*args, **kwargs)
+
+    previous.__signature__ = inspect.signature(NF4Weight.fsdp_pre_all_gather)
+    bound = types.MethodType(previous, weight)
+    assert inspect.signature(bound) == signed
     t_signed = min(timeit.repeat(lambda: inspect.signature(weight.fsdp_pre_all_gather), number=2000, repeat=5))
-    t_plain = min(timeit.repeat(lambda: inspect.signature(plain), number=2000, repeat=5))
-    assert t_signed < 0.5 * t_plain, (t_signed, t_plain)
+    t_previous = min(timeit.repeat(lambda: inspect.signature(bound), number=2000, repeat=5))
+    assert t_signed < 0.6 * t_previous, (t_signed, t_previous)

@@ -9,8 +9,9 @@ host's own work: FSDP2's hooks, gathers and reduce-scatters, the Python of every
 (`mesh=None`) is the baseline without FSDP2; each `--units` value k puts k decoder layers in one FSDP2 unit
 (fsdp2.layers_per_unit). Per configuration, on rank 0:
 
-- Python function calls per micro-step (cProfile over 3 micro-steps): deterministic, the same on any host, and
-  the measure of host work that the comparisons in docs/BENCHMARKS.md use. Calls at 2 processes less calls at one
+- Python function calls per micro-step (cProfile over 3 micro-steps): the same on every run of one software stack
+  (it moves with the torch and Python versions and the device path: gloo here, NCCL and CUDA streams on a GPU),
+  and the measure of host work that the comparisons in docs/BENCHMARKS.md use. Calls at 2 processes less calls at one
   are the host work that 2 GPUs add to a micro-step; on an H200 host, where eager steps of the 8B shape wait on the
   host, that work is the likely part of their 40-51 ms a micro-step;
 - the median milliseconds per micro-step over `--steps` (after 5 warm-up ones): on CPU this includes gloo's
@@ -56,7 +57,7 @@ def measure(model, ids, steps: int) -> tuple[float, float]:
     """(median ms per micro-step, Python calls per micro-step)."""
     model.train()
     times = []
-    for i in range(5 + steps):
+    for _ in range(5 + steps):
         dist.barrier()
         start = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()

@@ -5,6 +5,7 @@ argv[2] (optional, default 1): HSDP replica groups; the mesh is then (replicate,
 """
 
 import json
+import re
 import sys
 
 import bitsandbytes as bnb
@@ -24,15 +25,16 @@ from qfsdp.model import attach_lora, load_model, prepare_checkpoint
 from qfsdp.nf4 import NF4Weight, packed_bytes
 from qfsdp.shard import parallelize, quantized_bytes
 
-prepare_checkpoint(ModelConfig(path="tiny"), torch.float32)  # before the process group (see tiny.py)
+for name in ("tiny", "tiny_4layers"):
+    prepare_checkpoint(ModelConfig(path=name), torch.float32)  # before the process group (see tiny.py)
 d = init_distributed()
 replicate = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 out = {}
 
 
-def build(storage: str, seed: int = 0):
-    model = load_model(ModelConfig(path="tiny"), QuantConfig(storage=storage), torch.float32)
-    model = attach_lora(model, LoraConfig(r=4, lora_alpha=8), seed=seed)
+def build(storage: str, seed: int = 0, path: str = "tiny", target_modules="all-linear"):
+    model = load_model(ModelConfig(path=path), QuantConfig(storage=storage), torch.float32)
+    model = attach_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules), seed=seed)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero B, so A gets gradients too
         for name, p in model.named_parameters():
@@ -86,12 +88,6 @@ for storage in ("uint8", "bfloat16"):
     prefetched = sorted(e.name.rsplit(".", 1)[-1] for e in prof.events() if "FSDP::forward_prefetch" in e.name)
     for unit in [*layers, sharded]:  # what the no-grad forward left gathered (the last layer, the root)
         unit.reshard()
-    # Both decoder layers in one FSDP2 unit (fsdp2.layers_per_unit=2): one shared state, the same computation.
-    grouped = build(storage)
-    parallelize(grouped, mesh, d.device, param_dtype=torch.float32, activation_checkpointing=True, compile=False,
-                reshard_after_forward=True, cpu_offload=False, layers_per_unit=2)
-    grouped_logits, grouped_grads = loss_and_grads(grouped)
-    grouped_layers = grouped.base_model.model.model.layers
     sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
     head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
     out[storage] = {
@@ -100,19 +96,51 @@ for storage in ("uint8", "bfloat16"):
         "logits_equal": torch.equal(logits, ref_logits),
         "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
         "n_grads": len(ref_grads),
-        # norm weights stay whole on every rank, outside FSDP2 (shard._small_frozen)
+        # norm weights stay whole on every rank, outside FSDP2 (shard._frozen_vectors)
         "layer_vectors_whole": [(n, isinstance(q, DTensor)) for n, q in layers.named_parameters()
                                 if not q.requires_grad and q.dim() <= 1],
-        "grouped_one_unit": grouped_layers[0]._get_fsdp_state() is grouped_layers[1]._get_fsdp_state(),
-        "ungrouped_two_units": layers[0]._get_fsdp_state() is not layers[1]._get_fsdp_state(),
-        "grouped_equal": torch.equal(grouped_logits, ref_logits)
-        and all(torch.equal(grouped_grads[n], ref_grads[n]) for n in ref_grads),
         "bytes_equal": bool(bytes_equal),
         "quant_state_kept": bool(qs_kept),
         "sharded_local_is_nf4": isinstance(sharded_local.to_local(), NF4Weight),
         "rank_bytes": quantized_bytes(sharded),
         "total_bytes": total,
     }
+
+
+
+
+def compare_to_unsharded(**kwargs):
+    """Shard a 4-layer model (fsdp2.layers_per_unit and LoRA targets from kwargs) and compare logits, LoRA gradients
+    and forward prefetches with the unsharded model's."""
+    units = kwargs.pop("layers_per_unit", 1)
+    ref, sharded = build("uint8", path="tiny_4layers", **kwargs), build("uint8", path="tiny_4layers", **kwargs)
+    parallelize(ref, None, d.device, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
+                reshard_after_forward=True, cpu_offload=False)
+    parallelize(sharded, data_parallel_mesh(d.device.type, d.world_size, replicate), d.device,
+                param_dtype=torch.float32, activation_checkpointing=True, compile=False, reshard_after_forward=True,
+                cpu_offload=False, layers_per_unit=units)
+    ref_logits, ref_grads = loss_and_grads(ref)
+    logits, grads = loss_and_grads(sharded)
+    layers = sharded.base_model.model.model.layers
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        sharded(input_ids=ids)
+    states = [layer._get_fsdp_state() for layer in layers]
+    return {
+        "equal": torch.equal(logits, ref_logits) and len(grads) == len(ref_grads) > 0
+        and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
+        "units": len({id(state) for state in states}),
+        # a unit's name in the profiler lists its modules ("...layers.2, ...layers.3"): here "2+3"
+        "prefetched": sorted("+".join(re.findall(r"layers\.(\d+)", e.name)) for e in prof.events()
+                             if "FSDP::forward_prefetch" in e.name),
+        "lora_layers": sorted({n.split(".")[0] for n, _ in layers.named_parameters() if "lora_A" in n}),
+    }
+
+
+# Two layers per unit: units {0, 1} and {2, 3}, the first resharded after forward and gathered again in backward.
+out["units_of_two"] = compare_to_unsharded(layers_per_unit=2)
+# LoRA on layer 0 only (a regex, as PEFT takes it): layers 1-3 hold 4-bit weights and norms alone; their norms stay
+# in FSDP2, else the unit would be gathered as 16-bit integers (shard._frozen_vectors).
+out["lora_on_layer_0_only"] = compare_to_unsharded(target_modules=r".*layers\.0\.self_attn\.q_proj")
 
 
 # Where parameters live (see shard.py's docstring). CPU offload: frozen weights in units with CPU offload, trained
