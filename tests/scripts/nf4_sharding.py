@@ -107,8 +107,6 @@ for storage in ("uint8", "bfloat16"):
     }
 
 
-
-
 def compare_to_unsharded(**kwargs):
     """Shard a 4-layer model (fsdp2.layers_per_unit and LoRA targets from kwargs) and compare logits, LoRA gradients
     and forward prefetches with the unsharded model's."""
