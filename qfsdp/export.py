@@ -7,9 +7,9 @@
 The merged model is what training computed, without 4-bit layers: each base weight as training used it (cast to
 the run's compute dtype; for a layer that trained in 4-bit, dequant(NF4(W)), quantized by bitsandbytes with the
 run's settings, or as saved for a checkpoint stored in 4-bit), plus scale * B @ A, summed in float32 and cast to the
-run's precision (or --dtype). A full fine-tuning run's model is cast likewise. The base checkpoint streams one
-tensor at a time into output shards: memory holds about one shard (--max-shard-size), never the whole model, and
-no GPU is needed (one is used for the 4-bit work when present).
+run's precision (or --dtype). A full fine-tuning run's model is cast likewise. Tensors stream one at a time from
+the base checkpoint's files into the output's (safetensors_io): memory holds about one tensor, never a shard or the
+whole model, and no GPU is needed (one is used for the 4-bit work when present).
 See docs/export.md.
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qfsdp import safetensors_io
 from qfsdp.rundir import SUMMARY
 from qfsdp.tiny import TINY_ARCHITECTURES
 
@@ -140,7 +141,7 @@ def _download(repo_id: str) -> Path:
 
 
 class Checkpoint:
-    """A saved model's tensors, read one file at a time (safetensors, or pytorch_model*.bin memory-mapped)."""
+    """A saved model's tensors, read one at a time (safetensors; pytorch_model*.bin through a memory map)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -154,61 +155,40 @@ class Checkpoint:
             if not single:
                 raise ExportError(f"{directory} holds no model weights (model.safetensors or pytorch_model.bin)")
             self.files = single[:1]
-        self.where = {key: file for file in self.files for key in self._keys(file)}
+        self.where = {}
+        for file in self.files:
+            with self.read(file) as f:
+                self.where.update((key, file) for key in f.keys())
 
     @staticmethod
-    def _keys(file: Path) -> list[str]:
-        with _FileReader(file) as f:
-            return list(f.keys())
-
-    def read(self, file: Path) -> "_FileReader":
-        return _FileReader(file)
+    def read(file: Path):
+        """A context manager giving `keys()` and `get(key)` for one file."""
+        if file.suffix == ".safetensors":
+            return safetensors_io.Reader(file)
+        return _PickledState(file)
 
     def get(self, key: str) -> torch.Tensor:
-        with _FileReader(self.where[key]) as f:
+        with self.read(self.where[key]) as f:
             return f.get(key)
 
 
-class _FileReader:
-    """One checkpoint file: keys() and get(key). Closed after use, so its memory-mapped pages leave this process."""
+class _PickledState:
+    """A pytorch_model*.bin file, memory-mapped while open."""
 
     def __init__(self, file: Path):
         self.file = file
 
-    def open(self):
-        if self.file.suffix == ".safetensors":
-            from safetensors import safe_open
+    def __enter__(self) -> "_PickledState":
+        self.state = torch.load(self.file, map_location="cpu", mmap=True, weights_only=True)
+        return self
 
-            return _Safetensors(safe_open(str(self.file), framework="pt"))
-        return _Mapping(torch.load(self.file, map_location="cpu", mmap=True, weights_only=True))
+    def __exit__(self, *exc) -> None:
+        del self.state
 
-    def __enter__(self):
-        self.handle = self.open()
-        return self.handle
+    def keys(self) -> list[str]:
+        return list(self.state)
 
-    def __exit__(self, *exc):
-        del self.handle
-
-
-class _Safetensors:
-    def __init__(self, f):
-        self.f = f
-
-    def keys(self):
-        return self.f.keys()
-
-    def get(self, key):
-        return self.f.get_tensor(key)
-
-
-class _Mapping:
-    def __init__(self, state: dict):
-        self.state = state
-
-    def keys(self):
-        return self.state.keys()
-
-    def get(self, key):
+    def get(self, key: str) -> torch.Tensor:
         return self.state[key]
 
 
@@ -325,34 +305,34 @@ class Lora:
 
 
 class ShardWriter:
-    """Tensors in, safetensors shards out once `max_bytes` are buffered; names and index as transformers writes."""
+    """Tensors in, straight to disk: a new shard once one holds `max_bytes`; file names and index as transformers
+    writes them. `names`: every name that may come (room for the header, see safetensors_io)."""
 
-    def __init__(self, out: Path, max_bytes: int):
+    def __init__(self, out: Path, max_bytes: int, names: list[str]):
         self.out, self.max_bytes = out, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
+        self.room = safetensors_io.header_room(names)
+        self.writer: safetensors_io.Writer | None = None
         self.shards: list[list[str]] = []
-        self.total = self.buffered = self.peak_buffered = 0
+        self.total = self.largest = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + size > self.max_bytes:
-            self._flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += size
+        if self.writer is not None and self.writer.size + size > self.max_bytes:
+            self.writer.close()
+            self.writer = None
+        if self.writer is None:
+            self.writer = safetensors_io.Writer(self.out / f"shard-{len(self.shards)}.tmp", self.room)
+            self.shards.append([])
+        self.writer.add(name, tensor)
+        self.shards[-1].append(name)
         self.total += size
-        self.peak_buffered = max(self.peak_buffered, self.buffered)
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.buffer, str(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.buffer))
-        self.buffer, self.buffered = {}, 0
+        self.largest = max(self.largest, size)
 
     def finish(self) -> list[str]:
         """Name the shards (`model.safetensors`, or `model-0000i-of-0000n.safetensors` and the index)."""
-        if self.buffer or not self.shards:
-            self._flush()
+        if self.writer is None:
+            raise ExportError("the base checkpoint holds no tensor of the model")
+        self.writer.close()
         n = len(self.shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, name in enumerate(names):
@@ -373,7 +353,7 @@ class Stats:
     merged: int
     files: list[str]
     total_bytes: int
-    peak_buffered_bytes: int
+    largest_bytes: int
 
 
 def write_merged(run: Run, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> Stats:
@@ -393,14 +373,13 @@ def write_merged(run: Run, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
         quantize = {f"{m}.weight" for m in linears_to_quantize(model, bnb_config(run.cfg.quant, compute_dtype(run)))}
     lora = Lora(run.trained) if run.adapter else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    writer, written = ShardWriter(out, max_shard_bytes), set()
+    # checkpoint key -> the model's name; others are no tensor of the model (a quant state is read with its weight)
+    keys = {k: n for k in ckpt.where if not _is_quant_aux(k) and (n := model_name(k, names, model.base_model_prefix))}
+    writer, written = ShardWriter(out, max_shard_bytes, list(keys.values())), set()
     for file in ckpt.files:
         with ckpt.read(file) as f:
-            for key in f.keys():
-                name = model_name(key, names, model.base_model_prefix)
-                if name is None or _is_quant_aux(key):
-                    continue  # not a tensor of the model (a quant state is read with its weight)
-                tensor = f.get(key)
+            for key in (k for k in f.keys() if k in keys):
+                name, tensor = keys[key], f.get(key)
                 if key in prequantized:
                     tensor = dequantize_saved(key, tensor, ckpt, device)
                 elif name in quantize:
@@ -414,7 +393,7 @@ def write_merged(run: Run, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
     files = writer.finish()
     _check_complete(model, written, lora)
     _write_config(config, base, out, dtype)
-    return Stats(len(written), len(lora.used) if lora else 0, files, writer.total, writer.peak_buffered)
+    return Stats(len(written), len(lora.used) if lora else 0, files, writer.total, writer.largest)
 
 
 def _check_complete(model, written: set[str], lora: Lora | None) -> None:
@@ -491,7 +470,7 @@ def adapter_readme(run: Run) -> str:
 
 
 def export(run_dir: Path, out: Path, checkpoint: str | None = None, adapter_only: bool = False,
-           dtype: str | None = None, max_shard_bytes: int = 2 * 10**9) -> str:
+           dtype: str | None = None, max_shard_bytes: int = 5 * 10**9) -> str:
     """Write the export into a fresh directory beside `out`, renamed to `out` once complete; returns the report."""
     start = time.perf_counter()
     run = load_run(run_dir, checkpoint)
@@ -510,8 +489,8 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, adapter_only
             write_tokenizer(run, tmp)
             what = f"merged {stats.merged} adapter tensor(s) into" if run.adapter else "cast"
             report = (f"{what} {stats.tensors} tensors, {stats.total_bytes / 2**20:.1f} MiB in "
-                      f"{str(target).removeprefix('torch.')}, {len(stats.files)} shard(s), at most "
-                      f"{stats.peak_buffered_bytes / 2**20:.1f} MiB of tensors held at once")
+                      f"{str(target).removeprefix('torch.')}, {len(stats.files)} shard(s) written one tensor at a time "
+                      f"(largest {stats.largest_bytes / 2**20:.1f} MiB)")
         if out.exists():
             out.rmdir()  # empty (check_out)
         tmp.rename(out)
@@ -537,8 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", metavar="step-N", help="export RUN_DIR/checkpoints/step-N instead of the end")
     p.add_argument("--adapter-only", action="store_true", help="copy the PEFT adapter and write a README stub")
     p.add_argument("--dtype", choices=_DTYPES, help="dtype of the merged weights (default: the run's precision)")
-    p.add_argument("--max-shard-size", type=parse_size, default="2GB",
-                   help="largest output file, and about the most tensor memory held at once (default 2GB)")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                   help="largest output file (default 5GB); memory holds one tensor whatever the size")
     args = p.parse_args(argv)
     try:
         print(export(args.run_dir, args.out, args.checkpoint, args.adapter_only, args.dtype, args.max_shard_size),
