@@ -68,7 +68,7 @@ def load_run(run_dir: Path, checkpoint: str | None) -> Run:
     kind = "adapter" if cfg.lora.enabled else "model"
     if checkpoint is None:
         if not (run_dir / SUMMARY).is_file():
-            hint = f"; export a checkpoint with --checkpoint ({', '.join(_checkpoints(run_dir))})" \
+            hint = f"; export one of its checkpoints with --checkpoint ({', '.join(_checkpoints(run_dir))})" \
                 if _checkpoints(run_dir) else ""
             raise ExportError(f"{run_dir} is not a finished run (no {SUMMARY}){hint}")
         trained, summary = run_dir / kind, json.loads((run_dir / SUMMARY).read_text())
@@ -134,9 +134,12 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     configs = ["config.json", "generation_config.json"]
-    path = Path(snapshot_download(repo_id, allow_patterns=[*configs, "*.safetensors", "*.safetensors.index.json"]))
-    if not any(path.glob("*.safetensors")):
-        path = Path(snapshot_download(repo_id, allow_patterns=[*configs, "*.bin", "*.bin.index.json"]))
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=[*configs, "*.safetensors", "*.safetensors.index.json"]))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=[*configs, "*.bin", "*.bin.index.json"]))
+    except OSError as e:  # huggingface_hub's errors for no network, no such repo, no access
+        raise ExportError(f"cannot get the base model {repo_id}: {str(e).splitlines()[0]}") from None
     return path
 
 
@@ -192,12 +195,12 @@ class _PickledState:
         return self.state[key]
 
 
-def meta_model(config):
+def meta_model(config, trust_remote_code: bool):
     """The architecture without weights: its parameter names, tied weights and which linears quantized."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def weight_groups(model) -> list[set[str]]:
@@ -364,8 +367,9 @@ def write_merged(run: Run, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
 
     base = base_checkpoint(run)
     config = AutoConfig.from_pretrained(base, trust_remote_code=run.cfg.model.trust_remote_code)
-    model = meta_model(config)
+    model = meta_model(config, run.cfg.model.trust_remote_code)
     names = {n for g in weight_groups(model) for n in g}
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     ckpt = Checkpoint(base)
     prequantized = {k.rsplit(".quant_state.", 1)[0] for k in ckpt.where if _QUANT_STATE.search(k)}
     quantize = set()
@@ -384,7 +388,7 @@ def write_merged(run: Run, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
                     tensor = dequantize_saved(key, tensor, ckpt, device)
                 elif name in quantize:
                     tensor = quantized_like_training(tensor, run, device)
-                elif run.adapter and tensor.is_floating_point():
+                elif run.adapter and name in params and tensor.is_floating_point():
                     tensor = tensor.to(compute_dtype(run))  # frozen weights computed in it (shard.cast_frozen)
                 if lora is not None:
                     tensor = lora.apply(name, tensor, device)
@@ -423,7 +427,11 @@ def write_tokenizer(run: Run, out: Path) -> None:
     from qfsdp.config import ModelConfig
     from qfsdp.model import load_tokenizer
 
-    load_tokenizer(ModelConfig(**OmegaConf.to_container(run.cfg.model, resolve=True))).save_pretrained(out)
+    try:
+        tokenizer = load_tokenizer(ModelConfig(**OmegaConf.to_container(run.cfg.model, resolve=True)))
+    except OSError as e:  # transformers' error for a tokenizer neither local nor reachable
+        raise ExportError(f"cannot load the run's tokenizer: {str(e).splitlines()[0]}") from None
+    tokenizer.save_pretrained(out)
 
 
 def write_adapter(run: Run, out: Path) -> None:
