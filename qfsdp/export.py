@@ -7,9 +7,10 @@
 The merged model is what training computed, without 4-bit layers: each base weight as training used it (cast to
 the run's compute dtype; for a layer that trained in 4-bit, dequant(NF4(W)), quantized by bitsandbytes with the
 run's settings, or as saved for a checkpoint stored in 4-bit), plus scale * B @ A, summed in float32 and cast to the
-run's precision (or --dtype). A full fine-tuning run's model is cast likewise. Tensors stream one at a time from
-the base checkpoint's files into the output's (safetensors_io): memory holds about one tensor, never a shard or the
-whole model, and no GPU is needed (one is used for the 4-bit work when present).
+run's precision (or --dtype). A full fine-tuning run's model is cast likewise. The base checkpoint is read one
+tensor at a time (safetensors' memory map) into output shards written by safetensors: memory holds about one output
+shard (--max-shard-size) plus one tensor, never the whole model, and no GPU is needed (one is used for the 4-bit
+work when present).
 See docs/export.md.
 """
 
@@ -29,7 +30,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qfsdp import safetensors_io
 from qfsdp.rundir import SUMMARY
 from qfsdp.tiny import TINY_ARCHITECTURES
 
@@ -144,7 +144,7 @@ def _download(repo_id: str) -> Path:
 
 
 class Checkpoint:
-    """A saved model's tensors, read one at a time (safetensors; pytorch_model*.bin through a memory map)."""
+    """A saved model's tensors, read one at a time through a memory map (safetensors, or pytorch_model*.bin)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -165,14 +165,17 @@ class Checkpoint:
 
     @staticmethod
     def read(file: Path):
-        """A context manager giving `keys()` and `get(key)` for one file."""
+        """A context manager giving `keys()` and `get_tensor(key)` for one file."""
         if file.suffix == ".safetensors":
-            return safetensors_io.Reader(file)
+            from safetensors import safe_open
+
+            # Tensors are views of the file's mapped pages: page cache the kernel can reclaim, not the process' own.
+            return safe_open(str(file), framework="pt")
         return _PickledState(file)
 
     def get(self, key: str) -> torch.Tensor:
         with self.read(self.where[key]) as f:
-            return f.get(key)
+            return f.get_tensor(key)
 
 
 class _PickledState:
@@ -191,7 +194,7 @@ class _PickledState:
     def keys(self) -> list[str]:
         return list(self.state)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str) -> torch.Tensor:
         return self.state[key]
 
 
@@ -308,34 +311,44 @@ class Lora:
 
 
 class ShardWriter:
-    """Tensors in, straight to disk: a new shard once one holds `max_bytes`; file names and index as transformers
-    writes them. `names`: every name that may come (room for the header, see safetensors_io)."""
+    """Tensors in, safetensors shards out once `max_bytes` are held; file names and index as transformers writes them.
+    Peak memory is about one shard: safetensors writes a file from tensors in memory."""
 
-    def __init__(self, out: Path, max_bytes: int, names: list[str]):
+    def __init__(self, out: Path, max_bytes: int):
         self.out, self.max_bytes = out, max_bytes
-        self.room = safetensors_io.header_room(names)
-        self.writer: safetensors_io.Writer | None = None
+        self.shard: dict[str, torch.Tensor] = {}
+        self.storages: set[int] = set()
         self.shards: list[list[str]] = []
-        self.total = self.largest = 0
+        self.total = self.held = self.largest = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self.writer is not None and self.writer.size + size > self.max_bytes:
-            self.writer.close()
-            self.writer = None
-        if self.writer is None:
-            self.writer = safetensors_io.Writer(self.out / f"shard-{len(self.shards)}.tmp", self.room)
-            self.shards.append([])
-        self.writer.add(name, tensor)
-        self.shards[-1].append(name)
+        if self.shard and self.held + size > self.max_bytes:
+            self._flush()
+        tensor = tensor.contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage and storage in self.storages:
+            # a pickled checkpoint may keep tied weights in one storage, which save_file refuses
+            tensor = tensor.clone()
+        self.storages.add(tensor.untyped_storage().data_ptr())
+        self.shard[name] = tensor
+        self.held += size
         self.total += size
-        self.largest = max(self.largest, size)
+        self.largest = max(self.largest, self.held)
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.shard, self.out / f"shard-{len(self.shards)}.tmp", metadata={"format": "pt"})
+        self.shards.append(list(self.shard))
+        self.shard, self.storages, self.held = {}, set(), 0
 
     def finish(self) -> list[str]:
         """Name the shards (`model.safetensors`, or `model-0000i-of-0000n.safetensors` and the index)."""
-        if self.writer is None:
+        if not self.shard and not self.shards:
             raise ExportError("the base checkpoint holds no tensor of the model")
-        self.writer.close()
+        if self.shard:
+            self._flush()
         n = len(self.shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for i, name in enumerate(names):
@@ -356,7 +369,7 @@ class Stats:
     merged: int
     files: list[str]
     total_bytes: int
-    largest_bytes: int
+    largest_shard_bytes: int
 
 
 def write_merged(run: Run, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> Stats:
@@ -379,11 +392,11 @@ def write_merged(run: Run, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # checkpoint key -> the model's name; others are no tensor of the model (a quant state is read with its weight)
     keys = {k: n for k in ckpt.where if not _is_quant_aux(k) and (n := model_name(k, names, model.base_model_prefix))}
-    writer, written = ShardWriter(out, max_shard_bytes, list(keys.values())), set()
+    writer, written = ShardWriter(out, max_shard_bytes), set()
     for file in ckpt.files:
         with ckpt.read(file) as f:
             for key in (k for k in f.keys() if k in keys):
-                name, tensor = keys[key], f.get(key)
+                name, tensor = keys[key], f.get_tensor(key)
                 if key in prequantized:
                     tensor = dequantize_saved(key, tensor, ckpt, device)
                 elif name in quantize:
@@ -478,7 +491,7 @@ def adapter_readme(run: Run) -> str:
 
 
 def export(run_dir: Path, out: Path, checkpoint: str | None = None, adapter_only: bool = False,
-           dtype: str | None = None, max_shard_bytes: int = 5 * 10**9) -> str:
+           dtype: str | None = None, max_shard_bytes: int = 2 * 10**9) -> str:
     """Write the export into a fresh directory beside `out`, renamed to `out` once complete; returns the report."""
     start = time.perf_counter()
     run = load_run(run_dir, checkpoint)
@@ -497,8 +510,8 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, adapter_only
             write_tokenizer(run, tmp)
             what = f"merged {stats.merged} adapter tensor(s) into" if run.adapter else "cast"
             report = (f"{what} {stats.tensors} tensors, {stats.total_bytes / 2**20:.1f} MiB in "
-                      f"{str(target).removeprefix('torch.')}, {len(stats.files)} shard(s) written one tensor at a time "
-                      f"(largest {stats.largest_bytes / 2**20:.1f} MiB)")
+                      f"{str(target).removeprefix('torch.')}, {len(stats.files)} shard(s), at most "
+                      f"{stats.largest_shard_bytes / 2**20:.1f} MiB of tensors held at once")
         if out.exists():
             out.rmdir()  # empty (check_out)
         tmp.rename(out)
@@ -524,8 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", metavar="step-N", help="export RUN_DIR/checkpoints/step-N instead of the end")
     p.add_argument("--adapter-only", action="store_true", help="copy the PEFT adapter and write a README stub")
     p.add_argument("--dtype", choices=_DTYPES, help="dtype of the merged weights (default: the run's precision)")
-    p.add_argument("--max-shard-size", type=parse_size, default="5GB",
-                   help="largest output file (default 5GB); memory holds one tensor whatever the size")
+    p.add_argument("--max-shard-size", type=parse_size, default="2GB",
+                   help="largest output file (default 2GB); peak memory is about one output shard")
     args = p.parse_args(argv)
     try:
         print(export(args.run_dir, args.out, args.checkpoint, args.adapter_only, args.dtype, args.max_shard_size),
