@@ -29,6 +29,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # Set every dropout probability of the model's config (OPT ships 0.1); null keeps the checkpoint's. With dropout
+    # on, runs at 1 and N processes draw different masks, so their losses differ.
+    dropout: Optional[float] = None
 
 
 @dataclass

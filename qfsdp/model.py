@@ -53,11 +53,10 @@ def random_checkpoint(cfg: ModelConfig, dtype: torch.dtype) -> Path:
     """
     from transformers import AutoModelForCausalLM
 
-    from qfsdp.tiny import build_once, cache_dir
+    from qfsdp.tiny import build_once
 
     config = load_config(cfg)
-    name = (cfg.architecture or Path(cfg.path).name).replace("/", "_")
-    path = cache_dir() / f"random-{name}-{str(dtype).removeprefix('torch.')}"
+    path = random_checkpoint_path(cfg, dtype)
     if not (path / "config.json").exists():
         def build(out: Path) -> None:
             torch.manual_seed(0)
@@ -68,6 +67,14 @@ def random_checkpoint(cfg: ModelConfig, dtype: torch.dtype) -> Path:
             model.save_pretrained(out)
         build_once(path, build)
     return path
+
+
+def random_checkpoint_path(cfg: ModelConfig, dtype: torch.dtype) -> Path:
+    """Where `random_checkpoint` caches the random-weight checkpoint of `cfg` in `dtype`."""
+    from qfsdp.tiny import cache_dir
+
+    name = (cfg.architecture or Path(cfg.path).name).replace("/", "_")
+    return cache_dir() / f"random-{name}-{str(dtype).removeprefix('torch.')}"
 
 
 def checkpoint_dtype(compute_dtype: torch.dtype, full_finetune: bool) -> torch.dtype:
@@ -119,6 +126,7 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: to
     prequantized = getattr(config, "quantization_config", None) is not None
     model = AutoModelForCausalLM.from_pretrained(
         path,
+        **dropout_overrides(config, model_cfg.dropout),
         dtype=torch.float32 if full_finetune else "auto",  # float32 masters, see checkpoint_dtype
         device_map={"": "cpu"},
         attn_implementation=model_cfg.attn_implementation,
@@ -130,6 +138,14 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: to
         compute_4bit_in(model, compute_dtype)
     model.config.use_cache = False
     return model
+
+
+def dropout_overrides(config, dropout: float | None) -> dict[str, float]:
+    """Config attributes that `model.dropout` replaces: every dropout probability the architecture has."""
+    if dropout is None:
+        return {}
+    return {k: dropout for k, v in config.to_dict().items()
+            if k.endswith("dropout") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def compute_4bit_in(model: nn.Module, dtype: torch.dtype) -> None:
@@ -152,30 +168,43 @@ def defer_4bit(model: nn.Module, config) -> None:
     tests/test_models_and_data.py checks the result trains exactly like a checkpoint transformers quantized.
     """
     import bitsandbytes as bnb
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
 
-    # transformers' own rules for what stays unquantized (head, tied and float32 modules, configured skips)
-    skip = [*get_keys_to_not_convert(model), *(config.llm_int8_skip_modules or []),
-            *(getattr(model, "_keep_in_fp32_modules", None) or [])]
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or not should_convert_module(name, skip):
-            continue
+    for name in linears_to_quantize(model, config):
+        module = model.get_submodule(name)
         linear4 = bnb.nn.Linear4bit(
             module.in_features, module.out_features, bias=module.bias is not None,
             compute_dtype=config.bnb_4bit_compute_dtype, compress_statistics=config.bnb_4bit_use_double_quant,
             quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage, device="meta",
         )
-        linear4.weight = bnb.nn.Params4bit(
-            module.weight.data, requires_grad=False, compress_statistics=config.bnb_4bit_use_double_quant,
-            quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage, module=linear4,
-        )
+        linear4.weight = params_4bit(module.weight.data, config, linear4)
         if module.bias is not None:
             linear4.bias = nn.Parameter(module.bias.data, requires_grad=False)
         linear4.requires_grad_(False)
         model.set_submodule(name, linear4)
     model.is_loaded_in_4bit = True
     model.config.quantization_config = config
+
+
+def linears_to_quantize(model: nn.Module, config) -> list[str]:
+    """Names of the linear layers `defer_4bit` turns into 4-bit ones (a model on the meta device will do)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    # transformers' own rules for what stays unquantized (head, tied and float32 modules, configured skips)
+    skip = [*get_keys_to_not_convert(model), *(config.llm_int8_skip_modules or []),
+            *(getattr(model, "_keep_in_fp32_modules", None) or [])]
+    return [name for name, module in model.named_modules()
+            if type(module) is nn.Linear and should_convert_module(name, skip)]
+
+
+def params_4bit(weight: torch.Tensor, config, module: nn.Module | None = None):
+    """`weight` as bitsandbytes' `Params4bit` with the run's settings; it quantizes when it moves to a device."""
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit(
+        weight, requires_grad=False, compress_statistics=config.bnb_4bit_use_double_quant,
+        quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage, module=module,
+    )
 
 
 def peft_lora_config(cfg: LoraConfig):

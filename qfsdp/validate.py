@@ -68,6 +68,8 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     _check_parallelism(cfg, world_size)
     _check_batch(cfg, world_size)
     _check_model_path(cfg)
+    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1), or null for the model's own")
     _check_dataset(cfg)
     _check_lora_targets(cfg)
     if cfg.gpu_memory_limit_gib is not None and cfg.gpu_memory_limit_gib <= 0:

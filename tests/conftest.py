@@ -73,3 +73,34 @@ def save_prequantized_tiny(out: Path) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_path("tiny")).save_pretrained(out)
     return out
+
+
+# Runs several test modules read (OPT training, export), each launched once per test session on first use.
+SHARED_RUNS = {
+    "opt_full_ws1": ["model=tiny_opt", "lora=none", "quant=none", "precision=fp32", "world_size=1"],
+    "opt_full_ws2": ["model=tiny_opt", "lora=none", "quant=none", "precision=fp32", "world_size=2"],
+    # 4-bit + LoRA in the default precision (bf16); a high learning rate, so the adapter visibly moves the logits
+    "opt_qlora_ws2": ["model=tiny_opt", "world_size=2", "trainer.learning_rate=1e-2"],
+    "llama_qlora_fp32": ["precision=fp32", "world_size=1", "trainer.learning_rate=1e-2"],
+    # Qwen2's attention biases, trained too (lora.bias=lora_only)
+    "qwen2_qlora_bias_fp32": ["model=tiny_qwen2", "lora.bias=lora_only", "precision=fp32", "world_size=1",
+                              "trainer.learning_rate=1e-2"],
+}
+SHARED_STEPS = 3
+
+
+class _SharedRuns(dict):
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        launch(*SHARED_RUNS[name], f"trainer.max_steps={SHARED_STEPS}", f"hydra.run.dir={self.root / name}",
+               timeout=600)
+        self[name] = self.root / name
+        return self[name]
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory) -> dict[str, Path]:
+    return _SharedRuns(tmp_path_factory.mktemp("shared-runs"))

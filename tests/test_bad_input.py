@@ -53,6 +53,11 @@ def test_global_batch_not_divisible():
     assert "global_batch_size=6" in msg and "2 * 2 = 4" in msg
 
 
+def test_dropout_out_of_range():
+    msg = _error("model=tiny_opt", "model.dropout=1.5")
+    assert "model.dropout=1.5" in msg and "[0, 1)" in msg
+
+
 def test_model_path_missing(tmp_path):
     msg = _error(f"model.path={tmp_path / 'nowhere'}")
     assert "nowhere" in msg and "does not exist" in msg
