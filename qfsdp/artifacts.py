@@ -72,6 +72,7 @@ def build_summary(callback, d: Dist, *, quantized_bytes_per_rank: list[int], loa
         # real (non-padding) tokens trained on, and the padding the batches carried besides
         "tokens": rows[-1]["tokens"] if rows else 0,
         "padding_tokens": rows[-1].get("padding_tokens", 0) if rows else 0,
+        "eval_loss": callback.eval_rows[-1]["eval_loss"] if callback.eval_rows else None,
         "peak_memory_gib": [peak_gib(m) for m in mems],
         "memory": mems,
         "load_memory": loads,

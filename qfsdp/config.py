@@ -116,6 +116,8 @@ class DatasetConfig:
     text_field: str = "text"
     # Keep at most this many examples (null = all).
     max_samples: Optional[int] = None
+    # Hold out this many examples (drawn with the seed) as the evaluation set, for trainer.eval_strategy=steps|epoch.
+    eval_samples: int = 0
     # synthetic only: number of sequences and their length in tokens (the longest, with lengths=lognormal).
     num_samples: int = 256
     seq_length: int = 128

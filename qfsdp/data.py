@@ -329,9 +329,17 @@ def _check_generation_markers(tokenizer, template: str, tokenizer_name: str) -> 
         tokenizer.chat_template = original
 
 
-def check_training_flags(trainer, kind: str | None, where: str) -> None:
-    """SFTConfig settings that only some data can honour (kind None: not known before the worker loads it)."""
+def check_training_flags(trainer, kind: str | None, where: str, ds: DatasetConfig, rows: int | None = None) -> None:
+    """SFTConfig settings that only some data can honour (kind None: not known before the worker loads it);
+    `rows`: how many examples there are, where known."""
     describe = _DESCRIPTIONS.get(kind, "").format(text_field="text")
+    evaluates = _name(trainer.get("eval_strategy") or "no") != "no" or trainer.get("eval_on_start")
+    if evaluates and ds.eval_samples < 1:
+        raise DatasetError(f"trainer.eval_strategy={trainer.get('eval_strategy')} needs an evaluation set: hold "
+                           f"out examples with dataset.eval_samples=N")
+    if ds.eval_samples < 0 or rows is not None and ds.eval_samples >= rows:
+        raise DatasetError(f"dataset.eval_samples={ds.eval_samples} must be between 0 and the number of examples "
+                           f"({rows if rows is not None else 'unknown'}) less one, so some are left to train on")
     if kind is not None and trainer.get("assistant_only_loss") and kind not in ("messages", "prompt_completion_chat"):
         raise DatasetError(f"trainer.assistant_only_loss=true needs conversational data (messages of {{role, "
                            f"content}}) but {where} is {describe}")
@@ -347,6 +355,10 @@ def check_training_flags(trainer, kind: str | None, where: str) -> None:
             f"trainer.max_length={trainer.get('max_length')}")
 
 
+def _kept(rows: int, ds: DatasetConfig) -> int:
+    return rows if ds.max_samples is None else min(rows, ds.max_samples)
+
+
 def check_before_load(cfg, load_tokenizer) -> None:
     """The driver's checks (validate.py): every row of local data, and the trainer settings against it.
     `load_tokenizer()` gives the model's tokenizer, asked for only when the rows are conversations."""
@@ -357,14 +369,14 @@ def check_before_load(cfg, load_tokenizer) -> None:
         if _name(ds.lengths) == "lognormal" and (ds.median_length < 2 or ds.length_sigma < 0):
             raise DatasetError("dataset.lengths=lognormal needs dataset.median_length >= 2 and dataset.length_sigma "
                                ">= 0")
-        check_training_flags(cfg.trainer, "tokens", "dataset=synthetic")
+        check_training_flags(cfg.trainer, "tokens", "dataset=synthetic", ds, ds.num_samples)
         return
     if local_source(ds) is None:
-        check_training_flags(cfg.trainer, None, describe_source(ds))  # a hub dataset: the worker checks its rows
+        check_training_flags(cfg.trainer, None, describe_source(ds), ds)  # a hub dataset: the worker checks its rows
         return
     where = describe_source(ds)
     insp = check_rows(local_rows(ds), ds, where)
-    check_training_flags(cfg.trainer, insp.kind, where)
+    check_training_flags(cfg.trainer, insp.kind, where, ds, _kept(insp.rows, ds))
     if insp.conversational:
         try:
             tokenizer = load_tokenizer()
@@ -378,7 +390,7 @@ def check_loaded(raw, cfg, tokenizer) -> None:
     ds = cfg.dataset
     where = describe_source(ds)
     insp = check_rows(dataset_rows(raw), ds, where)
-    check_training_flags(cfg.trainer, insp.kind, where)
+    check_training_flags(cfg.trainer, insp.kind, where, ds, _kept(insp.rows, ds))
     check_chat_template(insp, tokenizer, cfg.model.tokenizer or cfg.model.path, cfg.trainer)
 
 
@@ -425,13 +437,22 @@ def synthetic_dataset(cfg: DatasetConfig, vocab_size: int, seed: int):
     return datasets.Dataset.from_dict({"input_ids": [row[:n] for row, n in zip(ids.tolist(), lengths)]})
 
 
-def load_train_dataset(cfg: DatasetConfig, vocab_size: int, seed: int, raw=None):
-    """The training split as a `datasets.Dataset` in TRL's format (`text`, `messages` or `prompt`/`completion`
-    columns), or `input_ids` for synthetic data. `raw`: the rows from `load_source`, if already loaded."""
+def load_datasets(cfg: DatasetConfig, vocab_size: int, seed: int, raw=None):
+    """(train, eval) as `datasets.Dataset`s in TRL's format (`text`, `messages` or `prompt`/`completion` columns),
+    or `input_ids` for synthetic data; eval is None without dataset.eval_samples. `raw`: the rows from
+    `load_source`, if already loaded."""
     if is_synthetic(cfg):
         ds = synthetic_dataset(cfg, vocab_size, seed)
     else:
         ds = to_trl_format(load_source(cfg) if raw is None else raw, cfg)
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
-    return ds
+    if cfg.eval_samples < 1:
+        return ds, None
+    split = ds.train_test_split(test_size=cfg.eval_samples, shuffle=True, seed=seed)
+    return split["train"], split["test"]
+
+
+def load_train_dataset(cfg: DatasetConfig, vocab_size: int, seed: int, raw=None):
+    """The training split alone (see load_datasets)."""
+    return load_datasets(cfg, vocab_size, seed, raw)[0]

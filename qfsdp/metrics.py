@@ -134,6 +134,7 @@ class MetricsCallback(TrainerCallback):
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self.d = d
         self.rows: list[dict] = []
+        self.eval_rows: list[dict] = []
         self.time_origin = time_origin
         self._last = None  # (time, tokens) at the previous log
         self.phases = StepPhases(d.device)
@@ -171,6 +172,8 @@ class MetricsCallback(TrainerCallback):
         counted = self.tokens.totals() if self.tokens is not None else (int(state.num_input_tokens_seen), 0)
         gathered = all_gather_object((mem, counted))
         mems = [m for m, _ in gathered]
+        if "eval_loss" in logs:
+            self._write_eval(state.global_step, logs)
         if "loss" not in logs:
             return
         now = time.perf_counter()
@@ -192,6 +195,15 @@ class MetricsCallback(TrainerCallback):
         self.rows.append(row)
         if self.path is not None:
             with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _write_eval(self, step: int, logs: dict) -> None:
+        """Evaluation (trainer.eval_strategy) -> eval.jsonl: the step, eval_loss and TRL's other eval_* figures."""
+        row = {"step": step, **{k: float(v) for k, v in logs.items()
+                                  if k.startswith("eval_") and isinstance(v, (int, float))}}
+        self.eval_rows.append(row)
+        if self.path is not None:
+            with (self.path.parent / "eval.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def steady_tokens_per_second(self, warmup_steps: int = 1) -> float:

@@ -69,7 +69,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     """Train on this rank; return the run summary and the trained (still sharded) model."""
     from trl import SFTTrainer
 
-    from qfsdp.data import check_loaded, is_synthetic, load_source, load_train_dataset
+    from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
     from qfsdp.progress import attach
@@ -84,7 +84,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     raw = None if is_synthetic(cfg.dataset) else load_source(cfg.dataset)
     if raw is not None:
         check_loaded(raw, cfg, tokenizer)
-    dataset = load_train_dataset(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
+    dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
     reset_peak_memory(d.device)
     model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune)
     if cfg.lora.enabled:
@@ -104,8 +104,8 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         hand_sharded_model_to_trainer(model, d.world_size, replicate=cfg.fsdp2.replicate)
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
     callbacks = [callback, CollectAtStepEnd(), *profile_callbacks(cfg, run_dir, d)]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=callbacks)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, callbacks=callbacks)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(

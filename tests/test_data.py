@@ -91,12 +91,13 @@ def _assistant_tokens(tok, messages: list[dict]) -> tuple[list[int], list[bool]]
     return ids, targets
 
 
-@pytest.mark.parametrize("kind,packing", [("prompt_completion", False), ("prompt_completion", True),
-                                          ("chat", False)])
-def test_first_step_loss_is_the_answers_loss_by_hand(tmp_path, kind, packing):
+@pytest.mark.parametrize("kind,batching", [("prompt_completion", "padded"), ("prompt_completion", "packed"),
+                                           ("chat", "padding_free")])
+def test_first_step_loss_is_the_answers_loss_by_hand(tmp_path, kind, batching):
     """Eight examples, one optimizer step holding them all: the trainer's first loss is the mean cross entropy over
-    the completion (or assistant) tokens alone, each example run on its own. With packing the examples share rows:
-    the same loss shows that no token attended across an example boundary."""
+    the completion (or assistant) tokens alone, each example run on its own. Packed (examples share rows) and
+    padding-free (a micro batch is one row), the same loss shows that no token attended across an example
+    boundary."""
     qa = _qa(8)
     if kind == "chat":
         rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
@@ -108,9 +109,10 @@ def test_first_step_loss_is_the_answers_loss_by_hand(tmp_path, kind, packing):
         extra = []
     data = _write(tmp_path / "data.jsonl", rows)
     run = tmp_path / "run"
+    extra += {"padded": [], "packed": ["trainer.packing=true"],
+              "padding_free": ["trainer.padding_free=true", "trainer.max_length=null"]}[batching]
     launch("dataset=local", f"dataset.path={data}", "precision=fp32", "world_size=1", "trainer.max_steps=1",
-           "trainer.global_batch_size=8", "trainer.per_device_train_batch_size=2", f"trainer.packing={packing}",
-           *extra, f"hydra.run.dir={run}")
+           "trainer.global_batch_size=8", "trainer.per_device_train_batch_size=2", *extra, f"hydra.run.dir={run}")
 
     model, tok = _tiny_4bit_fp32()
     total, count, real = 0.0, 0, 0
@@ -124,7 +126,7 @@ def test_first_step_loss_is_the_answers_loss_by_hand(tmp_path, kind, packing):
     assert abs(first["loss"] - total / count) <= 1e-6, (first["loss"], total / count)
     # every real token was counted, padding apart (packed rows: none)
     assert first["tokens"] == real
-    assert (first["padding_tokens"] == 0) if packing else (first["padding_tokens"] > 0)
+    assert (first["padding_tokens"] > 0) if batching == "padded" else (first["padding_tokens"] == 0)
     s = summary(run)
     assert s["tokens"] == real and s["padding_tokens"] == first["padding_tokens"]
 
@@ -172,18 +174,24 @@ def test_packed_row_losses_equal_each_example_alone():
 
 def test_packed_chat_one_vs_two_processes(tmp_path):
     """The conversational sample, assistant turns only, packed (padding-free rows, no attention mask): FSDP2 at 1 and
-    2 processes train the same within 1e-5, and no batch carries padding."""
+    2 processes train the same within 1e-5, and no batch carries padding. Eight conversations held out are evaluated
+    at the end (trainer.eval_strategy), the same at both."""
     runs = {}
     for ws in (1, 2):
         runs[ws] = tmp_path / f"ws{ws}"
         launch("dataset=sample_chat", "trainer.assistant_only_loss=true", "trainer.packing=true",
                "trainer.max_length=128", "precision=fp32", f"world_size={ws}", "trainer.max_steps=3",
-               f"hydra.run.dir={runs[ws]}")
+               "dataset.eval_samples=8", "trainer.eval_strategy=steps", "trainer.eval_steps=3",
+               "trainer.eval_packing=false", "trainer.per_device_eval_batch_size=2", f"hydra.run.dir={runs[ws]}")
     one, two = metrics(runs[1]), metrics(runs[2])
     assert len(one) == len(two) == 3
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= 1e-5
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     assert all(r["padding_tokens"] == 0 for r in one + two)
+    evals = [[json.loads(line) for line in (runs[ws] / "eval.jsonl").read_text().splitlines()] for ws in (1, 2)]
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [3]
+    assert abs(evals[0][0]["eval_loss"] - evals[1][0]["eval_loss"]) <= 1e-5
+    assert summary(runs[2])["eval_loss"] == evals[1][0]["eval_loss"]
 
 
 # -- formats and sources ----------------------------------------------------------------------------------------------
@@ -297,6 +305,8 @@ def test_conversations_need_a_chat_template(tmp_path):
     (["dataset=sample_chat", "trainer.completion_only_loss=true"], "needs prompt-completion data"),
     (["trainer.padding_free=true"], "trainer.max_length=null"),
     (["trainer.packing=true", "trainer.max_length=null"], "needs trainer.max_length"),
+    (["trainer.eval_strategy=steps"], "dataset.eval_samples=N"),
+    (["dataset.eval_samples=240"], "dataset.eval_samples=240 must be between 0 and the number of examples (240)"),
     (["dataset=synthetic", "trainer.assistant_only_loss=true"], "synthetic token ids"),
 ])
 def test_settings_the_data_cannot_honour(overrides, expected):
