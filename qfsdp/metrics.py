@@ -102,7 +102,8 @@ class TokenCounter:
 
     def _count(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not module.training or not isinstance(ids, torch.Tensor):
+        # training forwards only: TRL's extra no-grad forward for metrics (label smoothing) would count twice
+        if not (module.training and torch.is_grad_enabled()) or not isinstance(ids, torch.Tensor):
             return
         mask = kwargs.get("attention_mask")
         if mask is not None:

@@ -271,6 +271,23 @@ def test_bad_rows(tmp_path, rows, expected):
     assert expected in msg and path in msg
 
 
+def test_rows_loaded_by_datasets_are_checked_too():
+    """Hub data is first seen by the workers, as a `datasets.Dataset` whose rows carry every column (null where a row
+    has none): the same checks apply there."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from qfsdp.data import DatasetError, check_loaded
+    from qfsdp.tiny import tiny_tokenizer_path
+
+    cfg = compose_config(["dataset=hub", "dataset.path=org/chat"])
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path())
+    check_loaded(datasets.Dataset.from_list([{"messages": QA, "id": 1}, {"messages": QA, "id": 2}]), cfg, tok)
+    with pytest.raises(DatasetError) as e:
+        check_loaded(datasets.Dataset.from_dict({"messages": [QA, None], "text": [None, "plain"]}), cfg, tok)
+    assert "dataset 'org/chat' mixes formats: row 1 is conversational ('messages'), row 2 is language" in str(e.value)
+
+
 def test_template_that_drops_a_role(tmp_path):
     template = tmp_path / "user_assistant.jinja"
     template.write_text("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ m['content'] }}\n"
