@@ -155,35 +155,39 @@ TRAINER_DEFAULTS: dict[str, Any] = dict(
     disable_tqdm=False,
 )
 
-# SFTConfig fields that qfsdp sets itself (train.sft_config), each with the qfsdp key to set instead. They stay in the
-# schema (null) so that setting one fails before loading with this advice (validate.py) rather than as an unknown key.
+# SFTConfig fields that qfsdp sets itself (train.sft_config), each with what to do instead. They stay in the schema
+# (null) so that setting one fails before loading with this advice (validate.py) rather than as an unknown key.
+_PRECISION = "use precision=bf16|fp16|fp32 instead"
+_CHECKPOINTING = "use fsdp2.activation_checkpointing=true|false instead"
+_COMPILE = "use compile=true instead (qfsdp compiles each decoder layer)"
+_SHARDING = "qfsdp shards the model with FSDP2 itself: use fsdp2=default|offload|no_reshard|hsdp|off and world_size=N"
 OWNED_TRAINER_FIELDS: dict[str, str] = {
-    "output_dir": "hydra.run.dir=DIR (the trainer writes into DIR/trainer)",
-    "gradient_accumulation_steps": "trainer.global_batch_size=N (accumulation follows from it, the micro batch and "
-                                   "world_size)",
-    "seed": "seed=N",
-    "data_seed": "seed=N",
-    "bf16": "precision=bf16|fp16|fp32",
-    "fp16": "precision=bf16|fp16|fp32",
-    "activation_checkpointing": "fsdp2.activation_checkpointing=true|false",
-    "activation_checkpointing_kwargs": "fsdp2.activation_checkpointing=true|false",
-    "gradient_checkpointing": "fsdp2.activation_checkpointing=true|false",
-    "gradient_checkpointing_kwargs": "fsdp2.activation_checkpointing=true|false",
-    "torch_compile": "compile=true",
-    "torch_compile_backend": "compile=true",
-    "torch_compile_mode": "compile=true",
-    "full_determinism": "deterministic=true",
-    "use_cpu": "world_size= (GPUs when visible; CUDA_VISIBLE_DEVICES= for CPU processes)",
-    "save_strategy": "nothing: mid-run checkpoints are not supported yet, the adapter is saved at the end",
-    "logging_strategy": "trainer.logging_steps=N",
-    "dataset_text_field": "dataset.text_field=FIELD",
-    "fsdp": "fsdp2=default|offload|no_reshard|hsdp|off (qfsdp shards the model itself)",
-    "fsdp_config": "fsdp2.<knob>=... (qfsdp shards the model itself)",
-    "deepspeed": "fsdp2=... (qfsdp shards the model with FSDP2)",
-    "parallelism_config": "fsdp2=... and world_size=N",
-    "local_rank": "world_size=N (torchrun sets each rank)",
-    "model_init_kwargs": "model.<key>=... (qfsdp loads the model itself)",
-    "trust_remote_code": "model.trust_remote_code=true",
+    "output_dir": "use hydra.run.dir=DIR instead (the trainer writes into DIR/trainer)",
+    "gradient_accumulation_steps": "use trainer.global_batch_size=N instead (accumulation follows from it, the micro "
+                                   "batch and world_size)",
+    "seed": "use seed=N instead",
+    "data_seed": "use seed=N instead",
+    "bf16": _PRECISION,
+    "fp16": _PRECISION,
+    "activation_checkpointing": _CHECKPOINTING,
+    "activation_checkpointing_kwargs": _CHECKPOINTING,
+    "gradient_checkpointing": _CHECKPOINTING,
+    "gradient_checkpointing_kwargs": _CHECKPOINTING,
+    "torch_compile": _COMPILE,
+    "torch_compile_backend": _COMPILE,
+    "torch_compile_mode": _COMPILE,
+    "full_determinism": "use deterministic=true instead",
+    "use_cpu": "the device follows the machine: GPUs when visible (CUDA_VISIBLE_DEVICES= for CPU processes)",
+    "save_strategy": "mid-run checkpoints are not supported yet; the adapter is saved at the end",
+    "logging_strategy": "use trainer.logging_steps=N instead",
+    "dataset_text_field": "use dataset.text_field=FIELD instead",
+    "fsdp": _SHARDING,
+    "fsdp_config": _SHARDING,
+    "deepspeed": _SHARDING,
+    "parallelism_config": _SHARDING,
+    "local_rank": "torchrun sets each rank: use world_size=N",
+    "model_init_kwargs": "qfsdp loads the model itself: use model.<key>=...",
+    "trust_remote_code": "use model.trust_remote_code=true instead",
 }
 
 
@@ -247,7 +251,7 @@ def owned_trainer_field_error(trainer: DictConfig) -> str | None:
     """The advice for the first SFTConfig field qfsdp sets itself that the config sets too (None if none is)."""
     for name, instead in OWNED_TRAINER_FIELDS.items():
         if trainer.get(name) is not None:
-            return f"trainer.{name} is set by qfsdp itself; set {instead} instead"
+            return f"trainer.{name} is set by qfsdp itself; {instead}"
     return None
 
 

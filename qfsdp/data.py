@@ -335,8 +335,9 @@ def check_training_flags(trainer, kind: str | None, where: str, ds: DatasetConfi
     describe = _DESCRIPTIONS.get(kind, "").format(text_field="text")
     evaluates = _name(trainer.get("eval_strategy") or "no") != "no" or trainer.get("eval_on_start")
     if evaluates and ds.eval_samples < 1:
-        raise DatasetError(f"trainer.eval_strategy={trainer.get('eval_strategy')} needs an evaluation set: hold "
-                           f"out examples with dataset.eval_samples=N")
+        raise DatasetError(f"evaluation (trainer.eval_strategy={trainer.get('eval_strategy')}, eval_on_start="
+                           f"{bool(trainer.get('eval_on_start'))}) needs an evaluation set: hold out examples with "
+                           f"dataset.eval_samples=N")
     if ds.eval_samples < 0 or rows is not None and ds.eval_samples >= rows:
         raise DatasetError(f"dataset.eval_samples={ds.eval_samples} must be between 0 and the number of examples "
                            f"({rows if rows is not None else 'unknown'}) less one, so some are left to train on")

@@ -20,22 +20,21 @@ from qfsdp.data import SAMPLE_PATH
 _VERSION = 2
 _VOCAB = 512
 
-# ChatML-style turns. The assistant's reply and its end-of-turn token sit inside {% generation %} markers, so TRL's
-# `assistant_only_loss` can mask everything else (and the model learns to stop); unknown roles fail loudly rather than
-# vanish from the rendered text.
+# Turns written like the bundled sample's text ("<human>: ...\n<bot>: ..."), so the tokenizer (trained on that text) and
+# the tiny model stay as they were. The assistant's reply and its end-of-turn token (</s>) sit inside {% generation %}
+# markers, so TRL's `assistant_only_loss` can mask everything else and the model learns to stop; unknown roles fail
+# loudly rather than vanish from the rendered text.
 TINY_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{%- if message['role'] == 'system' -%}{{- '<system>: ' + message['content'] + '\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- '<human>: ' + message['content'] + '\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<bot>:' -}}{%- generation -%}{{- ' ' + message['content'] + '</s>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}"
     "{{- raise_exception('the tiny chat template knows the roles system, user and assistant, not ' + message['role']) -}}"
     "{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<bot>:' -}}{%- endif -%}"
 )
 
 TINY_ARCHITECTURES = {
@@ -124,13 +123,13 @@ def _build_tokenizer(out: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=_VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        model_max_length=2048, additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=2048,
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
     fast.save_pretrained(out)

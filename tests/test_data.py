@@ -77,7 +77,8 @@ def _completion_tokens(tok, prompt: str, completion: str) -> tuple[list[int], li
 
 def _assistant_tokens(tok, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """The conversation rendered by the chat template, and which tokens are the assistant's replies with their
-    end-of-turn token: found from the rendering of each reply's context, not from the template's markers."""
+    end-of-turn token (the tiny template writes a reply as "<bot>: REPLY</s>"): found from the rendering of each
+    reply's context, not from the template's markers."""
     ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     targets = [False] * len(ids)
     for k, m in enumerate(messages):
@@ -85,9 +86,9 @@ def _assistant_tokens(tok, messages: list[dict]) -> tuple[list[int], list[bool]]
             continue
         context = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
         start = len(tok(context)["input_ids"])
-        end = len(tok(context + m["content"] + "<|im_end|>")["input_ids"])
-        assert ids[:end] == tok(context + m["content"] + "<|im_end|>")["input_ids"]
-        targets[start:end] = [True] * (end - start)
+        with_reply = tok(context + " " + m["content"] + tok.eos_token)["input_ids"]
+        assert ids[:len(with_reply)] == with_reply
+        targets[start:len(with_reply)] = [True] * (len(with_reply) - start)
     return ids, targets
 
 
@@ -246,7 +247,7 @@ def test_chat_sample_and_tiny_template():
     conv = json.loads(SAMPLE_CHAT_PATH.read_text().splitlines()[0])["messages"]
     out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     learned = tok.decode([i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m])
-    assert learned == conv[-1]["content"] + "<|im_end|>"
+    assert learned == " " + conv[-1]["content"] + "</s>"
 
 
 # -- bad data and settings, before any weights load --------------------------------------------------------------------
