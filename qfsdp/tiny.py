@@ -17,7 +17,7 @@ import torch
 from qfsdp.data import SAMPLE_PATH
 
 # Bump when the recipe below changes, so stale caches are rebuilt.
-_VERSION = 2
+_VERSION = 3
 _VOCAB = 512
 
 # Turns written like the bundled sample's text ("<human>: ...\n<bot>: ..."), so the tokenizer (trained on that text) and
@@ -31,7 +31,7 @@ TINY_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' -%}"
     "{{- '<bot>:' -}}{%- generation -%}{{- ' ' + message['content'] + '</s>' -}}{%- endgeneration -%}{{- '\\n' -}}"
     "{%- else -%}"
-    "{{- raise_exception('the tiny chat template knows the roles system, user and assistant, not ' + message['role']) -}}"
+    "{{- raise_exception('the tiny chat template knows system, user and assistant, not ' + message['role']) -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<bot>:' -}}{%- endif -%}"
