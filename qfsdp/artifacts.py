@@ -69,6 +69,10 @@ def build_summary(callback, d: Dist, *, quantized_bytes_per_rank: list[int], loa
         "final_loss": rows[-1]["loss"] if rows else None,
         "losses": [r["loss"] for r in rows],
         "tokens_per_second": callback.steady_tokens_per_second(),
+        # real (non-padding) tokens trained on, and the padding the batches carried besides
+        "tokens": rows[-1]["tokens"] if rows else 0,
+        "padding_tokens": rows[-1].get("padding_tokens", 0) if rows else 0,
+        "eval_loss": callback.eval_rows[-1]["eval_loss"] if callback.eval_rows else None,
         "peak_memory_gib": [peak_gib(m) for m in mems],
         "memory": mems,
         "load_memory": loads,

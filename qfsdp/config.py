@@ -6,7 +6,11 @@ or a value of the wrong type fails when Hydra composes the config, naming the ke
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,52 +91,171 @@ class PrecisionConfig:
     loss_scaling: bool = False
 
 
+class DatasetFormat(Enum):
+    """TRL's dataset formats: `auto` finds it from the rows' fields as TRL does."""
+
+    auto = "auto"
+    text = "text"  # language modeling: one text per row (dataset.text_field)
+    messages = "messages"  # conversational: a list of {role, content}, rendered with the tokenizer's chat template
+    prompt_completion = "prompt_completion"  # `prompt` and `completion`, both text or both lists of messages
+
+
+class SyntheticLengths(Enum):
+    fixed = "fixed"  # every sequence dataset.seq_length tokens
+    # log-normal around dataset.median_length (spread dataset.length_sigma), cut at dataset.seq_length: the long tail
+    # of instruction data, so padding and packing cost what they cost on real data
+    lognormal = "lognormal"
+
+
 @dataclass
 class DatasetConfig:
     name: str = "sample"
-    # Hub id, local file or directory (jsonl/oig_chip2); unused for sample and synthetic.
+    # A local file (.jsonl, .json, .parquet), a directory saved with `datasets`, or a hub id; unused for the bundled
+    # samples and synthetic.
     path: Optional[str] = None
     data_files: Optional[str] = None
     split: str = "train"
+    format: DatasetFormat = DatasetFormat.auto
     text_field: str = "text"
     # Keep at most this many examples (null = all).
     max_samples: Optional[int] = None
-    # synthetic only: number of sequences and their length in tokens.
+    # Hold out this many examples (drawn with the seed) as the evaluation set, for trainer.eval_strategy=steps|epoch.
+    eval_samples: int = 0
+    # synthetic only: number of sequences and their length in tokens (the longest, with lengths=lognormal).
     num_samples: int = 256
     seq_length: int = 128
+    lengths: SyntheticLengths = SyntheticLengths.fixed
+    median_length: int = 256
+    length_sigma: float = 1.0
 
 
-@dataclass
-class TrainerConfig:
-    """`SFTConfig` fields under their own names, plus `global_batch_size` (sequences per optimizer step)."""
-
-    global_batch_size: int = 8
-    per_device_train_batch_size: int = 2
-    max_steps: int = 30
-    num_train_epochs: float = 1.0
-    learning_rate: float = 2e-4
-    lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+# qfsdp's own choices for SFTConfig fields; every other field keeps TRL's default.
+TRAINER_DEFAULTS: dict[str, Any] = dict(
+    per_device_train_batch_size=2,
+    max_steps=30,
+    num_train_epochs=1.0,
+    learning_rate=2e-4,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_epsilon=1e-8,
     # transformers' own default on torch >= 2.8 (so the stock recipe's too): one fused op per parameter group
     # instead of a dozen foreach ops. The optimizer phase of an 8B-shape step (r=16) took 10.4-10.5 ms with it and
     # 14.5-22.6 ms with foreach on H200s (different machines; docs/BENCHMARKS.md, eighth session).
-    optim: str = "adamw_torch_fused"
-    logging_steps: int = 1
+    optim="adamw_torch_fused",
+    logging_steps=1,
     # Off, unlike transformers' default: with it on, a NaN or inf loss is logged as the average of earlier losses
     # (a diverged fp16 run would look healthy), and checking each micro-step's loss makes the CPU wait for the GPU.
-    logging_nan_inf_filter: bool = False
-    max_length: Optional[int] = 256
-    packing: bool = False
-    dataloader_num_workers: int = 0
-    # "none", "tensorboard", "wandb" or a list of them, written into the run directory (see progress.py). Any:
-    # OmegaConf has no str-or-list type, and `trainer.report_to=tensorboard` must compose; transformers checks names.
-    report_to: Any = "none"
-    disable_tqdm: bool = False
+    logging_nan_inf_filter=False,
+    max_length=256,
+    packing=False,
+    dataloader_num_workers=0,
+    # "none", "tensorboard", "wandb" or a list of them, written into the run directory (see progress.py).
+    report_to="none",
+    disable_tqdm=False,
+)
+
+# SFTConfig fields that qfsdp sets itself (train.sft_config), each with what to do instead. They stay in the schema
+# (null) so that setting one fails before loading with this advice (validate.py) rather than as an unknown key.
+_PRECISION = "use precision=bf16|fp16|fp32 instead"
+_CHECKPOINTING = "use fsdp2.activation_checkpointing=true|false instead"
+_COMPILE = "use compile=true instead (qfsdp compiles each decoder layer)"
+_SHARDING = "qfsdp shards the model with FSDP2 itself: use fsdp2=default|offload|no_reshard|hsdp|off and world_size=N"
+OWNED_TRAINER_FIELDS: dict[str, str] = {
+    "output_dir": "use hydra.run.dir=DIR instead (the trainer writes into DIR/trainer)",
+    "gradient_accumulation_steps": "use trainer.global_batch_size=N instead (accumulation follows from it, the micro "
+                                   "batch and world_size)",
+    "seed": "use seed=N instead",
+    "data_seed": "use seed=N instead",
+    "bf16": _PRECISION,
+    "fp16": _PRECISION,
+    "activation_checkpointing": _CHECKPOINTING,
+    "activation_checkpointing_kwargs": _CHECKPOINTING,
+    "gradient_checkpointing": _CHECKPOINTING,
+    "gradient_checkpointing_kwargs": _CHECKPOINTING,
+    "torch_compile": _COMPILE,
+    "torch_compile_backend": _COMPILE,
+    "torch_compile_mode": _COMPILE,
+    "full_determinism": "use deterministic=true instead",
+    "use_cpu": "the device follows the machine: GPUs when visible (CUDA_VISIBLE_DEVICES= for CPU processes)",
+    "save_strategy": "mid-run checkpoints are not supported yet; the adapter is saved at the end",
+    "logging_strategy": "use trainer.logging_steps=N instead",
+    "dataset_text_field": "use dataset.text_field=FIELD instead",
+    "fsdp": _SHARDING,
+    "fsdp_config": _SHARDING,
+    "deepspeed": _SHARDING,
+    "parallelism_config": _SHARDING,
+    "local_rank": "torchrun sets each rank: use world_size=N",
+    "model_init_kwargs": "qfsdp loads the model itself: use model.<key>=...",
+    "trust_remote_code": "use model.trust_remote_code=true instead",
+}
+
+
+def _omegaconf_type(tp: Any) -> Any:
+    """The closest type OmegaConf can check for an SFTConfig field's annotation (Any where it has none)."""
+    if tp in (bool, int, float, str):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        # transformers' `SchedulerType | str` and the like: an enum of strings, or any string
+        if len(rest) == 2 and str in rest and any(isinstance(a, type) and issubclass(a, Enum) for a in rest):
+            rest = [str]
+        if len(rest) != 1:
+            return Any
+        inner = _omegaconf_type(rest[0])
+        return Optional[inner] if len(rest) < len(args) and inner is not Any else inner
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        return list[str]
+    return Any
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _trainer_schema() -> type:
+    """`TrainerConfig`: every field of the installed TRL's `SFTConfig`, under its own name and type, with qfsdp's
+    defaults; `global_batch_size` first; the fields qfsdp sets itself as null placeholders (OWNED_TRAINER_FIELDS)."""
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    specs: list[tuple] = [("global_batch_size", int, field(default=8))]
+    for f in dataclasses.fields(SFTConfig):
+        if not f.init:
+            continue
+        if f.name in OWNED_TRAINER_FIELDS:
+            specs.append((f.name, Any, field(default=None)))
+            continue
+        if f.name in TRAINER_DEFAULTS:
+            default = TRAINER_DEFAULTS[f.name]
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = _plain(f.default)
+        if isinstance(default, (list, dict)):
+            specs.append((f.name, _omegaconf_type(hints[f.name]), field(default_factory=lambda d=default: d.copy())))
+        else:
+            specs.append((f.name, _omegaconf_type(hints[f.name]), field(default=default)))
+    schema = dataclasses.make_dataclass("TrainerConfig", specs)
+    schema.__module__ = __name__
+    schema.__doc__ = ("`SFTConfig` fields under their own names (generated from the installed TRL), plus "
+                      "`global_batch_size` (sequences per optimizer step).")
+    return schema
+
+
+TrainerConfig = _trainer_schema()
+
+
+def owned_trainer_field_error(trainer: DictConfig) -> str | None:
+    """The advice for the first SFTConfig field qfsdp sets itself that the config sets too (None if none is)."""
+    for name, instead in OWNED_TRAINER_FIELDS.items():
+        if trainer.get(name) is not None:
+            return f"trainer.{name} is set by qfsdp itself; {instead}"
+    return None
 
 
 @dataclass

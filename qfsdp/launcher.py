@@ -104,10 +104,16 @@ def _report(run_dir: Path, seconds: float) -> None:
     summary = json.loads((run_dir / SUMMARY).read_text())
     print(
         f"qfsdp: finished {summary['steps']} steps on {summary['world_size']} process(es) in {seconds:.0f}s, "
-        f"final loss {summary['final_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s.\n"
+        f"final loss {summary['final_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s{_padding(summary)}.\n"
         f"qfsdp: results in {run_dir}/ (metrics.jsonl, summary.json, loss.png, {summary['output']}/)",
         flush=True,
     )
+
+
+def _padding(summary: dict) -> str:
+    """How much of the batches was padding (tokens/s counts real tokens only)."""
+    real, padding = summary.get("tokens", 0), summary.get("padding_tokens", 0)
+    return f" ({padding / (real + padding):.0%} of batch tokens were padding)" if padding else ""
 
 
 def _remove_if_empty(run_dir: Path) -> None:

@@ -84,6 +84,47 @@ class StepPhases:
         return out
 
 
+class TokenCounter:
+    """Real and padding tokens of this rank's training forwards, summed on the device (no host sync per micro-step;
+    read at logging time, after Trainer has already waited for the loss).
+
+    Counted from the batch the model receives, as TRL's collator builds it: with an attention mask, its ones are the
+    real tokens; padding-free and packed batches (one row, no mask) are padded only at the end, and only with
+    `pad_to_multiple_of` (pad token at position 0, no label).
+    """
+
+    def __init__(self, pad_token_id: int | None):
+        self.pad_token_id = pad_token_id
+        self._real = self._padding = 0
+
+    def attach(self, model: torch.nn.Module) -> None:
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        # training forwards only: TRL's extra no-grad forward for metrics (label smoothing) would count twice
+        if not (module.training and torch.is_grad_enabled()) or not isinstance(ids, torch.Tensor):
+            return
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            real = mask.sum()
+        else:
+            real = torch.tensor(ids.numel(), device=ids.device) - self._trailing_padding(ids, kwargs)
+        self._real = self._real + real
+        self._padding = self._padding + (ids.numel() - real)
+
+    def _trailing_padding(self, ids: torch.Tensor, kwargs: dict) -> torch.Tensor | int:
+        positions, labels = kwargs.get("position_ids"), kwargs.get("labels")
+        if positions is None or labels is None or self.pad_token_id is None:
+            return 0
+        pad = (ids == self.pad_token_id) & (positions == 0) & (labels == -100)
+        return pad.flip(-1).long().cumprod(-1).sum()
+
+    def totals(self) -> tuple[int, int]:
+        """(real, padding) tokens on this rank so far."""
+        return int(self._real), int(self._padding)
+
+
 class MetricsCallback(TrainerCallback):
     """Appends one JSON object per logged optimizer step to `run_dir/metrics.jsonl` (rank 0 only).
 
@@ -94,12 +135,18 @@ class MetricsCallback(TrainerCallback):
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self.d = d
         self.rows: list[dict] = []
+        self.eval_rows: list[dict] = []
         self.time_origin = time_origin
         self._last = None  # (time, tokens) at the previous log
         self.phases = StepPhases(d.device)
+        self.tokens: TokenCounter | None = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._last = (time.perf_counter(), 0)
+        if model is not None and self.tokens is None:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            self.tokens = TokenCounter(getattr(tokenizer, "pad_token_id", None))
+            self.tokens.attach(model)
 
     # Step phases (StepPhases): marks at the step's start, after each micro-step but the last, after the last one's
     # backward and clipping (on_pre_optimizer_step), after the optimizer step, and at the step's end.
@@ -118,13 +165,20 @@ class MetricsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.phases.mark()
 
+    # `tokens` counts real (non-padding) tokens of all ranks, so tokens/s is what padding does not inflate;
+    # `padding_tokens` is the rest of what the batches held.
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         mem = memory_stats(self.d.device)
-        mems = all_gather_object(mem)
+        counted = self.tokens.totals() if self.tokens is not None else (int(state.num_input_tokens_seen), 0)
+        gathered = all_gather_object((mem, counted))
+        mems = [m for m, _ in gathered]
+        if "eval_loss" in logs:
+            self._write_eval(state.global_step, logs)
         if "loss" not in logs:
             return
-        now, tokens = time.perf_counter(), int(state.num_input_tokens_seen)
+        now = time.perf_counter()
+        tokens, padding = (sum(c[i] for _, c in gathered) for i in (0, 1))
         last_time, last_tokens = self._last
         self._last = (now, tokens)
         row = {
@@ -133,6 +187,7 @@ class MetricsCallback(TrainerCallback):
             "learning_rate": float(logs.get("learning_rate", 0.0)),
             "grad_norm": float(logs.get("grad_norm", float("nan"))),
             "tokens": tokens,
+            "padding_tokens": padding,
             "tokens_per_second": (tokens - last_tokens) / max(now - last_time, 1e-9),
             "peak_memory_gib": [peak_gib(m) for m in mems],
             "elapsed_s": now - self.time_origin,
@@ -141,6 +196,15 @@ class MetricsCallback(TrainerCallback):
         self.rows.append(row)
         if self.path is not None:
             with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _write_eval(self, step: int, logs: dict) -> None:
+        """Evaluation (trainer.eval_strategy) -> eval.jsonl: the step, eval_loss and TRL's other eval_* figures."""
+        row = {"step": step, **{k: float(v) for k, v in logs.items()
+                                  if k.startswith("eval_") and isinstance(v, (int, float))}}
+        self.eval_rows.append(row)
+        if self.path is not None:
+            with (self.path.parent / "eval.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def steady_tokens_per_second(self, warmup_steps: int = 1) -> float:

@@ -17,8 +17,25 @@ import torch
 from qfsdp.data import SAMPLE_PATH
 
 # Bump when the recipe below changes, so stale caches are rebuilt.
-_VERSION = 1
+_VERSION = 3
 _VOCAB = 512
+
+# Turns written like the bundled sample's text ("<human>: ...\n<bot>: ..."), so the tokenizer (trained on that text) and
+# the tiny model stay as they were. The assistant's reply and its end-of-turn token (</s>) sit inside {% generation %}
+# markers, so TRL's `assistant_only_loss` can mask everything else and the model learns to stop; unknown roles fail
+# loudly rather than vanish from the rendered text.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- '<system>: ' + message['content'] + '\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- '<human>: ' + message['content'] + '\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<bot>:' -}}{%- generation -%}{{- ' ' + message['content'] + '</s>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- raise_exception('the tiny chat template knows system, user and assistant, not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<bot>:' -}}{%- endif -%}"
+)
 
 TINY_ARCHITECTURES = {
     "tiny": dict(
@@ -129,6 +146,7 @@ def _build_tokenizer(out: Path) -> None:
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         model_max_length=2048,
     )
+    fast.chat_template = TINY_CHAT_TEMPLATE
     fast.save_pretrained(out)
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qfsdp import artifacts
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks
-from qfsdp.model import attach_lora, base_model, load_model, load_tokenizer, make_trainable_fp32
+from qfsdp.model import attach_lora, base_model, load_config, load_model, load_tokenizer, make_trainable_fp32
 from qfsdp.shard import parallelize, quantized_bytes
 
 
@@ -36,8 +36,12 @@ def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size:
 def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
     from trl import SFTConfig
 
+    from qfsdp.config import OWNED_TRAINER_FIELDS
+
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     global_batch = t.pop("global_batch_size")
+    for name in OWNED_TRAINER_FIELDS:
+        t.pop(name, None)  # null placeholders: validate.py refuses any other value
     ga = gradient_accumulation_steps(global_batch, t["per_device_train_batch_size"], world_size)
     return SFTConfig(
         output_dir=str(run_dir / "trainer"),
@@ -54,8 +58,8 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
         gradient_checkpointing=None,
         save_strategy="no",
         logging_strategy="steps",
-        include_num_input_tokens_seen="non_padding",
         use_cpu=use_cpu,
+        # qfsdp.data renames the configured text field to "text"
         dataset_text_field="text",
         **t,
     )
@@ -65,7 +69,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     """Train on this rank; return the run summary and the trained (still sharded) model."""
     from trl import SFTTrainer
 
-    from qfsdp.data import load_train_dataset
+    from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
     from qfsdp.progress import attach
@@ -76,6 +80,11 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     full_finetune = not cfg.lora.enabled
 
     tokenizer = load_tokenizer(cfg.model)
+    # The data first: bad rows (hub data is first seen here) stop the run before any weights load.
+    raw = None if is_synthetic(cfg.dataset) else load_source(cfg.dataset)
+    if raw is not None:
+        check_loaded(raw, cfg, tokenizer)
+    dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
     reset_peak_memory(d.device)
     model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune)
     if cfg.lora.enabled:
@@ -86,7 +95,6 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     if d.world_size > 1:
         check_trainable_same_on_all_ranks(model)
 
-    dataset = load_train_dataset(cfg.dataset, model.config.vocab_size, cfg.seed)
     args = sft_config(cfg, run_dir, d.world_size, use_cpu=d.device.type == "cpu")
     mesh = None
     if cfg.fsdp2.enabled:
@@ -96,8 +104,8 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         hand_sharded_model_to_trainer(model, d.world_size, replicate=cfg.fsdp2.replicate)
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
     callbacks = [callback, CollectAtStepEnd(), *profile_callbacks(cfg, run_dir, d)]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=callbacks)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, callbacks=callbacks)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(

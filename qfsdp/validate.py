@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from qfsdp.config import owned_trainer_field_error
 from qfsdp.tiny import TINY_ARCHITECTURES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,6 +68,8 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     _check_precision(cfg, machine)
     _check_parallelism(cfg, world_size)
     _check_batch(cfg, world_size)
+    if (owned := owned_trainer_field_error(cfg.trainer)) is not None:
+        raise ConfigError(owned)
     _check_model_path(cfg)
     if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1), or null for the model's own")
@@ -151,17 +154,14 @@ def _check_model_path(cfg: DictConfig) -> None:
 
 
 def _check_dataset(cfg: DictConfig) -> None:
-    from qfsdp.data import DatasetError, check_jsonl
+    """Every row of local data in one of TRL's formats, and what the trainer settings need of it (qfsdp/data.py)."""
+    from qfsdp.data import DatasetError, check_before_load
+    from qfsdp.model import load_tokenizer
 
-    ds = cfg.dataset
-    local = ds.path is not None and (_is_local_path(ds.path) or Path(ds.path).expanduser().exists())
-    if ds.name == "jsonl" or (ds.name == "oig_chip2" and local):
-        try:
-            check_jsonl(ds.path, ds.text_field)
-        except DatasetError as e:
-            raise ConfigError(str(e)) from None
-    if ds.name == "synthetic" and (ds.seq_length < 2 or ds.num_samples < 1):
-        raise ConfigError("dataset=synthetic needs dataset.seq_length >= 2 and dataset.num_samples >= 1")
+    try:
+        check_before_load(cfg, lambda: load_tokenizer(cfg.model))
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_lora_targets(cfg: DictConfig) -> None:

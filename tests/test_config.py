@@ -65,12 +65,60 @@ def test_unknown_group_option_fails():
     assert "fsdp2/turbo" in str(e.value)
 
 
-def test_trainer_keys_are_sft_config_fields():
+def test_trainer_schema_is_the_installed_sft_config():
+    """Every SFTConfig field of the installed TRL is a trainer key, and nothing else but global_batch_size; each
+    takes SFTConfig's own default (or qfsdp's), so the schema follows TRL without a list kept by hand."""
     from trl import SFTConfig
 
-    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    ours = {f.name for f in dataclasses.fields(TrainerConfig)} - {"global_batch_size"}
-    assert ours <= sft_fields, ours - sft_fields
+    from qfsdp.config import OWNED_TRAINER_FIELDS, TRAINER_DEFAULTS
+
+    sft = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+    ours = {f.name for f in dataclasses.fields(TrainerConfig)}
+    assert ours == sft.keys() | {"global_batch_size"}, ours ^ (sft.keys() | {"global_batch_size"})
+    assert set(OWNED_TRAINER_FIELDS) <= sft.keys() and set(TRAINER_DEFAULTS) <= sft.keys()
+    trainer = _compose().trainer
+    for name, f in sft.items():
+        if name in OWNED_TRAINER_FIELDS:
+            assert trainer[name] is None
+        elif name not in TRAINER_DEFAULTS and f.default is not dataclasses.MISSING:
+            default = getattr(f.default, "value", f.default)  # transformers' string enums
+            assert trainer[name] == default, name
+
+
+def test_any_sft_config_field_reaches_the_trainer(tmp_path):
+    from qfsdp.train import sft_config
+
+    cfg = _compose("trainer.neftune_noise_alpha=5", "trainer.eval_strategy=steps", "trainer.eval_steps=2",
+                   "trainer.padding_free=true", "trainer.completion_only_loss=false", "trainer.lr_scheduler_kwargs="
+                   "{min_lr: 1.0e-05}", "trainer.lr_scheduler_type=cosine_with_min_lr")
+    args = sft_config(cfg, tmp_path, world_size=1, use_cpu=True)
+    assert args.neftune_noise_alpha == 5.0 and args.eval_strategy == "steps" and args.eval_steps == 2
+    assert args.padding_free is True and args.completion_only_loss is False
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-5} and args.lr_scheduler_type == "cosine_with_min_lr"
+    # qfsdp's own settings stay as qfsdp sets them
+    assert args.gradient_accumulation_steps == 4 and args.save_strategy == "no" and args.bf16 is False
+
+
+@pytest.mark.parametrize("override,instead", [
+    ("trainer.bf16=true", "precision=bf16|fp16|fp32"),
+    ("trainer.gradient_accumulation_steps=4", "trainer.global_batch_size"),
+    ("trainer.gradient_checkpointing=false", "fsdp2.activation_checkpointing"),
+    ("trainer.output_dir=/tmp/x", "hydra.run.dir="),
+    ("trainer.torch_compile=true", "compile=true"),
+])
+def test_fields_qfsdp_sets_are_refused_with_the_key_to_use(override, instead):
+    from qfsdp.validate import ConfigError, Machine, validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(override), Machine(gpus=0))
+    key = override.split("=")[0]
+    assert f"{key} is set by qfsdp" in str(e.value) and instead in str(e.value)
+
+
+def test_wrong_type_of_a_generated_field_fails():
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("trainer.neftune_noise_alpha=loud")
+    assert "neftune_noise_alpha" in str(e.value.__cause__ or e.value)
 
 
 def test_yaml_knobs_are_commented():
