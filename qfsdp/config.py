@@ -130,6 +130,11 @@ class TrainerConfig:
     # OmegaConf has no str-or-list type, and `trainer.report_to=tensorboard` must compose; transformers checks names.
     report_to: Any = "none"
     disable_tqdm: bool = False
+    # Mid-run checkpoints (docs/checkpoints.md): "steps" saves every save_steps optimizer steps (below 1: a fraction
+    # of max_steps) and at the last step, keeping the newest save_total_limit (null: all). Off by default.
+    save_strategy: str = "no"
+    save_steps: float = 500
+    save_total_limit: Optional[int] = None
 
 
 @dataclass
@@ -160,6 +165,9 @@ class Config:
     # Profile optimizer steps 4-5 with torch.profiler on rank 0 -> profile.txt in the run directory (on GPUs also
     # trace.json.gz, and a table of GPU idle time by CPU cause).
     profile: bool = False
+    # Continue a run from a checkpoint: "auto" = the newest complete one in this run directory (a fresh start when
+    # there is none), or a checkpoint's path (docs/checkpoints.md). null = a fresh run.
+    resume: Optional[str] = None
 
 
 def register_configs() -> None:
