@@ -164,7 +164,8 @@ def _value(cfg: DictConfig, key: str):
 
 
 def _show(value) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    """As an override would spell it: model.path=tiny, fsdp2.offload=true, model.architecture=null."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def changed_settings(cfg: DictConfig, path: Path) -> list[str]:
@@ -284,17 +285,19 @@ class CheckpointingTrainer:
         return str(checkpoints_dir(self._qfsdp["run_dir"]) / SAVING)
 
     def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
         start = time.perf_counter()
         q = self._qfsdp
         saving = Path(self._get_output_dir(trial))
+        written = saving / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"  # where Trainer writes it
         if q["is_main"]:
             shutil.rmtree(saving, ignore_errors=True)  # what a save that did not finish left
-            saving.mkdir(parents=True)
+            written.mkdir(parents=True)
         _barrier()
         # Trainer writes the adapter (save_model) and trainer_state.json; save_only_model (train.sft_config) keeps
         # it from writing the rest, done here instead.
         super()._save_checkpoint(model, trial)
-        written = saving / f"checkpoint-{self.state.global_step}"
         self._save_optimizer_and_scheduler(str(written))
         self._save_scaler(str(written))
         self._save_rng_state(str(written))
