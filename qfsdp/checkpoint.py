@@ -100,8 +100,10 @@ def manifest(path: Path) -> dict:
 
 def is_interrupted_run(run_dir: Path) -> bool:
     """Training output without summary.json: a run that stopped before its end (or is running)."""
+    from qfsdp.rundir import is_finished
+
     run_dir = Path(run_dir)
-    return not (run_dir / "summary.json").exists() and ((run_dir / METRICS).exists() or checkpoints_dir(run_dir).exists())
+    return not is_finished(run_dir) and ((run_dir / METRICS).exists() or checkpoints_dir(run_dir).exists())
 
 
 def interrupted_run_error(run_dir: Path) -> str:
@@ -139,6 +141,9 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
                               f"(or resume=auto: the newest complete one in the run directory)")
     if path is not None:
         check_compatible(cfg, path)
+        if step_of(path) >= cfg.trainer.max_steps:
+            raise ConfigError(f"resume: {path} is at step {step_of(path)} and trainer.max_steps="
+                              f"{cfg.trainer.max_steps} leaves nothing to train; raise trainer.max_steps to go on")
     return path
 
 

@@ -12,7 +12,6 @@ A 1-process pair in bf16 (the default precision) checks that resuming there is e
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -268,6 +267,9 @@ def test_incomplete_checkpoints_are_refused(reference, crashed, tmp_path):
     msg = _resume_error(*REFERENCE, f"resume={crashed['interrupted_save']}", run_dir=tmp_path)
     assert "no checkpoint.json" in msg and "its save did not finish" in msg
     assert "does not exist" in _resume_error(*REFERENCE, f"resume={tmp_path / 'nowhere'}", run_dir=tmp_path)
+    msg = _resume_error(*REFERENCE, "trainer.max_steps=6", f"resume={reference / 'checkpoints' / 'step-6'}",
+                        run_dir=tmp_path)
+    assert "nothing to train" in msg and "trainer.max_steps" in msg
     # resume=auto skips what is incomplete: here nothing is left, so the run starts fresh
     assert checkpoint.resolve_resume(compose_config([*REFERENCE, "resume=auto"]), tmp_path) is None
 
