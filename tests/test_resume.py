@@ -6,7 +6,8 @@ One uninterrupted 2-process fp32 run of 12 steps with checkpoints at steps 6 and
   middle of step 12's save, and resumed again: losses and final adapter bit-identical to the reference;
 - its step-6 checkpoint continued at world_size=1 with fsdp2=offload in a new run directory: losses within 1e-5;
 - every bad input, refused before any weights load with one line.
-A 1-process pair in bf16 (the default precision) checks that resuming there is exact too (the bound: 1e-6).
+A 1-process pair in bf16 (the default precision; 6 steps, resumed at 3) checks resuming there (the bound: 1e-6;
+measured: bit-identical).
 """
 
 from __future__ import annotations
@@ -60,14 +61,21 @@ def _launch_and_kill(args: list[str], pause: str, logs: Path) -> tuple[int, str,
            "PYTHONPATH": os.pathsep.join(p for p in [str(SCRIPTS / "pause_rank"), os.environ.get("PYTHONPATH")] if p)}
     out, err = logs / "stdout.txt", logs / "stderr.txt"
     with out.open("w") as o, err.open("w") as e:
-        proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=env, stdout=o, stderr=e)
-        deadline = time.monotonic() + 400
-        while not marker.exists():
-            assert proc.poll() is None, f"ended before the pause ({proc.returncode}):\n{err.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "the rank never reached the pause"
-            time.sleep(0.2)
-        os.kill(int(marker.read_text()), signal.SIGKILL)
-        code = proc.wait(timeout=300)
+        # its own process group: if the test fails half-way, the launcher, torchrun and the workers go with it
+        proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=env, stdout=o, stderr=e,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 400
+            while not marker.exists():
+                assert proc.poll() is None, f"ended before the pause ({proc.returncode}):\n{err.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, "the rank never reached the pause"
+                time.sleep(0.2)
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+            code = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return code, out.read_text(), err.read_text()
 
 
@@ -155,12 +163,12 @@ def test_kill_mid_step_and_mid_save_then_resume(reference, crashed):
     run_dir = crashed["run_dir"]
     code, out, err = crashed["mid_step"]
     assert "resume=auto: no complete checkpoint" in out and "starting fresh" in out
-    # torchrun ends the job; the launcher names the first recorded error (rank 0's broken connection) or, if rank 0
-    # was stopped first, a process that died without a Python error, and where to continue from
+    # torchrun ends the job; the launcher names the first recorded error (rank 0's broken connection to rank 1) or,
+    # when torchrun stopped rank 0 before it noticed, a process that died without a Python error; and where to go on
     assert code == 1, err[-3000:]
     error = [line for line in err.splitlines() if line.startswith("qfsdp: error:")]
     assert len(error) == 1, err[-3000:]
-    assert "Connection closed by peer" in error[0] or "no rank recorded an error" in error[0]
+    assert error[0].startswith("qfsdp: error: rank 0: ") or "no rank recorded an error" in error[0], error[0]
     assert error[0].endswith("continue from checkpoints/step-6 with resume=auto (same run directory)")
     assert crashed["after_mid_step"] == ["step-6"]
 
@@ -211,10 +219,10 @@ def test_resume_at_another_world_size_with_offload(reference, tmp_path):
 
 
 def test_bf16_resume_is_exact(tmp_path):
-    args = ["world_size=1", f"trainer.max_steps={STEPS}"]
+    args = ["world_size=1", "trainer.max_steps=6"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch(*args, "trainer.save_strategy=steps", "trainer.save_steps=6", f"hydra.run.dir={full}", env=ONE_THREAD)
-    launch(*args, f"resume={full / 'checkpoints' / 'step-6'}", f"hydra.run.dir={resumed}", env=ONE_THREAD)
+    launch(*args, "trainer.save_strategy=steps", "trainer.save_steps=3", f"hydra.run.dir={full}", env=ONE_THREAD)
+    launch(*args, f"resume={full / 'checkpoints' / 'step-3'}", f"hydra.run.dir={resumed}", env=ONE_THREAD)
     for a, b in zip(_losses(resumed), _losses(full), strict=True):
         assert abs(a - b) <= 1e-6
     a, b = adapter_weights(resumed), adapter_weights(full)
