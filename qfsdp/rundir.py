@@ -99,7 +99,7 @@ def _refused(_root_) -> bool:
     from qfsdp.checkpoint import is_interrupted_run
 
     run_dir = Path(_root_.hydra.runtime.output_dir)
-    return is_finished(run_dir) or (_root_.get("resume") is None and is_interrupted_run(run_dir))
+    return is_finished(run_dir) or (getattr(_root_, "resume", None) is None and is_interrupted_run(run_dir))
 
 
 def _output_subdir(*, _root_) -> str | None:
