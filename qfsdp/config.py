@@ -156,6 +156,8 @@ TRAINER_DEFAULTS: dict[str, Any] = dict(
     # "none", "tensorboard", "wandb" or a list of them, written into the run directory (see progress.py).
     report_to="none",
     disable_tqdm=False,
+    # Mid-run checkpoints (docs/checkpoints.md): off unless asked; "steps" saves every save_steps optimizer steps.
+    save_strategy="no",
 )
 
 # SFTConfig fields that qfsdp sets itself (train.sft_config), each with what to do instead. They stay in the schema
@@ -181,7 +183,7 @@ OWNED_TRAINER_FIELDS: dict[str, str] = {
     "torch_compile_mode": _COMPILE,
     "full_determinism": "use deterministic=true instead",
     "use_cpu": "the device follows the machine: GPUs when visible (CUDA_VISIBLE_DEVICES= for CPU processes)",
-    "save_strategy": "mid-run checkpoints are not supported yet; the adapter is saved at the end",
+    "save_only_model": "qfsdp saves optimizer, scheduler and RNG states itself (docs/checkpoints.md)",
     "logging_strategy": "use trainer.logging_steps=N instead",
     "dataset_text_field": "use dataset.text_field=FIELD instead",
     "fsdp": _SHARDING,
@@ -286,6 +288,9 @@ class Config:
     # Profile optimizer steps 4-5 with torch.profiler on rank 0 -> profile.txt in the run directory (on GPUs also
     # trace.json.gz, and a table of GPU idle time by CPU cause).
     profile: bool = False
+    # Continue a run from a checkpoint: "auto" = the newest complete one in this run directory (a fresh start when
+    # there is none), or a checkpoint's path (docs/checkpoints.md). null = a fresh run.
+    resume: Optional[str] = None
 
 
 def register_configs() -> None:

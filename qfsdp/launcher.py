@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from qfsdp import checkpoint
 from qfsdp.distributed import env_rank, under_torchrun
 from qfsdp.rundir import SUMMARY, finished_run_error, first_error, is_finished, write_status
 from qfsdp.slurm import SlurmJob
@@ -44,9 +45,14 @@ def run_job(cfg: DictConfig) -> None:
     try:
         if is_finished(run_dir):
             raise ConfigError(finished_run_error(run_dir))
+        if cfg.resume is None and checkpoint.is_interrupted_run(run_dir):
+            raise ConfigError(checkpoint.interrupted_run_error(run_dir))
         machine = Machine.detect()
         slurm = None if torchrun_world_size is not None else SlurmJob.from_env(visible_gpus=machine.gpus)
         world_size = validate(cfg, machine, torchrun_world_size, slurm)
+        resume_from = checkpoint.resolve_resume(cfg, run_dir)
+        if main_driver and cfg.resume is not None:
+            _announce_resume(cfg, run_dir, resume_from)
         start = time.perf_counter()
         if torchrun_world_size is not None:
             _train_here(cfg, run_dir, start)
@@ -97,7 +103,26 @@ def _start_workers(run_dir: Path, world_size: int, slurm: SlurmJob | None = None
         stale.unlink(missing_ok=True)  # every node's driver clears them, before any worker can start
     result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
-        raise JobFailed(first_error(run_dir) or f"workers exited with code {result.returncode}")
+        error = first_error(run_dir) or (
+            f"workers exited with code {result.returncode} and no rank recorded an error: a process died without a "
+            f"Python error (killed by a signal, out of memory, a crash in native code, or its node went away)")
+        newest = checkpoint.newest_complete(run_dir)
+        if newest is not None:
+            error += f"; continue from {checkpoint.CHECKPOINTS}/{newest.name} with resume=auto (same run directory)"
+        raise JobFailed(error)
+
+
+def _announce_resume(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -> None:
+    from qfsdp.progress import append_to_run_log
+
+    if resume_from is None:
+        line = f"resume=auto: no complete checkpoint in {checkpoint.checkpoints_dir(run_dir)}, starting fresh"
+    else:
+        changed = checkpoint.changed_settings(cfg, resume_from)
+        line = (f"resuming from {resume_from} (step {checkpoint.step_of(resume_from)} of {cfg.trainer.max_steps})"
+                + (f"; changed: {', '.join(changed)}" if changed else ""))
+    print(f"qfsdp: {line}", flush=True)
+    append_to_run_log(run_dir, line)
 
 
 def _report(run_dir: Path, seconds: float) -> None:

@@ -129,15 +129,20 @@ class MetricsCallback(TrainerCallback):
     """Appends one JSON object per logged optimizer step to `run_dir/metrics.jsonl` (rank 0 only).
 
     `on_log` runs on every rank the same number of times, so gathering each rank's memory there is safe.
+    A step that ends with a checkpoint is written once the save is done, with its time and size (`record_checkpoint`).
+    A resumed run starts from its checkpoint's rows (`previous_rows`); its elapsed time goes on from theirs.
     """
 
-    def __init__(self, run_dir: Path | None, d: Dist, time_origin: float):
+    def __init__(self, run_dir: Path | None, d: Dist, time_origin: float, previous_rows: list[dict] = ()):
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self.d = d
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(previous_rows)
         self.eval_rows: list[dict] = []
-        self.time_origin = time_origin
+        self.first_new = len(self.rows)  # rows of this process start here
+        self.time_origin = time_origin - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
         self._last = None  # (time, tokens) at the previous log
+        self._held = None  # a row waiting for its step's checkpoint
+        self._unwritten_save: dict = {}  # a save at a step without a row of its own: goes on the next row
         self.phases = StepPhases(d.device)
         self.tokens: TokenCounter | None = None
 
@@ -192,8 +197,34 @@ class MetricsCallback(TrainerCallback):
             "peak_memory_gib": [peak_gib(m) for m in mems],
             "elapsed_s": now - self.time_origin,
             **self.phases.take(),
+            **self._unwritten_save,
         }
+        self._unwritten_save = {}
         self.rows.append(row)
+        if control.should_save:
+            self._held = row
+        else:
+            self._write(row)
+
+    def record_checkpoint(self, step: int, fields: dict) -> list[dict]:
+        """The checkpoint of `step` is saved (rank 0): add its `fields` to that step's row and write it. Returns the
+        rows so far (the checkpoint keeps them)."""
+        if self._held is not None and self._held["step"] == step:
+            self._held.update(fields)
+        else:
+            self._unwritten_save = fields
+        self.flush()
+        return list(self.rows)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            self._write(self._held)
+            self._held = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+    def _write(self, row: dict) -> None:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -208,7 +239,8 @@ class MetricsCallback(TrainerCallback):
                 f.write(json.dumps(row) + "\n")
 
     def steady_tokens_per_second(self, warmup_steps: int = 1) -> float:
-        return steady_tokens_per_second(self.rows, warmup_steps)
+        """Over this process' own steps: a resumed run's earlier steps ran in another process."""
+        return steady_tokens_per_second(self.rows[self.first_new:], warmup_steps)
 
 
 def steady_tokens_per_second(rows: list[dict], warmup_steps: int = 1) -> float:

@@ -11,6 +11,7 @@
 - Only rank 0 writes `.hydra/` and the log file (`${qfsdp_output_subdir:}`, `${qfsdp_log_file:}`), so ranks
   never garble them.
 - A directory holding `summary.json` holds a finished run: nothing is written there again (not even `.hydra/`).
+  Nor into an unfinished run's directory unless the job continues it (`resume=...`, see checkpoint.py).
 """
 
 from __future__ import annotations
@@ -92,19 +93,25 @@ def _now(fmt: str) -> str:
     return datetime.fromtimestamp(_run_start()).strftime(fmt)
 
 
+def _refused(_root_) -> bool:
+    """A directory the job will refuse (launcher.run_job): a finished run, or an unfinished one without `resume`.
+    Hydra must not write its config there either."""
+    from qfsdp.checkpoint import is_interrupted_run
+
+    run_dir = Path(_root_.hydra.runtime.output_dir)
+    return is_finished(run_dir) or (getattr(_root_, "resume", None) is None and is_interrupted_run(run_dir))
+
+
 def _output_subdir(*, _root_) -> str | None:
-    if env_rank() != 0:
-        return None
-    if is_finished(Path(_root_.hydra.runtime.output_dir)):
-        return None  # the job itself then stops with finished_run_error
+    if env_rank() != 0 or _refused(_root_):
+        return None  # a refused directory: the job itself then stops with the reason
     return ".hydra"
 
 
 def _log_file(*, _root_) -> str:
-    run_dir = Path(_root_.hydra.runtime.output_dir)
-    if env_rank() != 0 or is_finished(run_dir):
+    if env_rank() != 0 or _refused(_root_):
         return os.devnull
-    return str(run_dir / f"{_root_.hydra.job.name}.log")
+    return str(Path(_root_.hydra.runtime.output_dir) / f"{_root_.hydra.job.name}.log")
 
 
 def register_resolvers() -> None:

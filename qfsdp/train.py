@@ -56,7 +56,10 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
         # deprecated alias on.)
         activation_checkpointing=False,
         gradient_checkpointing=None,
-        save_strategy="no",
+        # Trainer would save the optimizer of a model sharded before it saw it as rank 0's shards alone, and refuses
+        # to unless told to save the model only; checkpoint.CheckpointingTrainer saves optimizer, scheduler, scaler
+        # and RNG states itself.
+        save_only_model=True,
         logging_strategy="steps",
         use_cpu=use_cpu,
         # qfsdp.data renames the configured text field to "text"
@@ -69,12 +72,14 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     """Train on this rank; return the run summary and the trained (still sharded) model."""
     from trl import SFTTrainer
 
+    from qfsdp import checkpoint
     from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
     from qfsdp.progress import attach
 
     start = time.perf_counter()
+    resume_from, previous_rows = resume_point(cfg, run_dir, d)
     torch.manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.precision.dtype)
     full_finetune = not cfg.lora.enabled
@@ -102,10 +107,12 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
         mesh = data_parallel_mesh(d.device.type, d.world_size, cfg.fsdp2.replicate)
         hand_sharded_model_to_trainer(model, d.world_size, replicate=cfg.fsdp2.replicate)
-    callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
+    callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start, previous_rows=previous_rows)
     callbacks = [callback, CollectAtStepEnd(), *profile_callbacks(cfg, run_dir, d)]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, callbacks=callbacks)
+    trainer_class = type("QfsdpTrainer", (checkpoint.CheckpointingTrainer, SFTTrainer), {})
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                            processing_class=tokenizer, callbacks=callbacks)
+    trainer.setup_checkpointing(run_dir, cfg, d.is_main, on_save=callback.record_checkpoint)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(
@@ -119,7 +126,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     qbytes = all_gather_object(quantized_bytes(model))
     reset_peak_memory(d.device)
     with no_collection_pauses():
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     output = artifacts.save_trained_weights(model, run_dir, d, adapter=cfg.lora.enabled)
     summary = artifacts.build_summary(
@@ -130,6 +137,21 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         artifacts.plot_loss(run_dir, callback.rows)
         artifacts.write_summary(run_dir, summary)
     return summary, model
+
+
+def resume_point(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[Path | None, list[dict]]:
+    """The checkpoint to continue (None: a fresh start) and its metrics rows, the same on every rank. With `resume`
+    set, rank 0 cuts metrics.jsonl back to those rows: steps after the checkpoint are trained again."""
+    from qfsdp import checkpoint
+    from qfsdp.distributed import check_same_on_all_ranks
+
+    path = checkpoint.resolve_resume(cfg, run_dir)
+    if d.world_size > 1:
+        check_same_on_all_ranks("the checkpoint to resume from", str(path))
+    rows = checkpoint.checkpoint_rows(path) if path else []
+    if cfg.resume is not None and d.is_main:
+        checkpoint.restart_metrics(run_dir, rows)
+    return path, rows
 
 
 def profile_callbacks(cfg: DictConfig, run_dir: Path, d: Dist) -> list:

@@ -75,6 +75,7 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1), or null for the model's own")
     _check_dataset(cfg)
     _check_lora_targets(cfg)
+    _check_saving(cfg)
     if cfg.gpu_memory_limit_gib is not None and cfg.gpu_memory_limit_gib <= 0:
         raise ConfigError(f"gpu_memory_limit_gib={cfg.gpu_memory_limit_gib} must be positive GiB, or null for no cap")
     return world_size
@@ -132,6 +133,12 @@ def _check_batch(cfg: DictConfig, world_size: int) -> None:
         gradient_accumulation_steps(t.global_batch_size, t.per_device_train_batch_size, world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_saving(cfg: DictConfig) -> None:
+    from qfsdp.checkpoint import check_save_settings
+
+    check_save_settings(cfg)
 
 
 def _is_local_path(path: str) -> bool:
