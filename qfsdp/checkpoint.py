@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import time
+from enum import Enum
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -164,8 +165,11 @@ def check_compatible(cfg: DictConfig, path: Path) -> None:
 
 
 def _value(cfg: DictConfig, key: str):
+    """The value as the saved config.yaml holds it (enums by name), so a loaded config compares with a composed one."""
     value = OmegaConf.select(cfg, key)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    return value.name if isinstance(value, Enum) else value
 
 
 def _show(value) -> str:
@@ -176,7 +180,7 @@ def _show(value) -> str:
 def changed_settings(cfg: DictConfig, path: Path) -> list[str]:
     """`key: old -> new` for every other setting this run changes against its checkpoint (world size, offload...)."""
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(Path(path) / "config.yaml"), resolve=True))
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     return [f"{k}: {_show(saved.get(k))} -> {_show(now.get(k))}" for k in sorted(saved.keys() | now.keys())
             if k != "resume" and saved.get(k) != now.get(k)]
 
