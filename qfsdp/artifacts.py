@@ -72,7 +72,7 @@ def build_summary(callback, d: Dist, *, quantized_bytes_per_rank: list[int], loa
         # real (non-padding) tokens trained on, and the padding the batches carried besides
         "tokens": rows[-1]["tokens"] if rows else 0,
         "padding_tokens": rows[-1].get("padding_tokens", 0) if rows else 0,
-        "eval_loss": callback.eval_rows[-1]["eval_loss"] if callback.eval_rows else None,
+        "eval_loss": last_eval_loss(callback.eval_rows, rows),
         "peak_memory_gib": [peak_gib(m) for m in mems],
         "memory": mems,
         "load_memory": loads,
@@ -83,6 +83,14 @@ def build_summary(callback, d: Dist, *, quantized_bytes_per_rank: list[int], loa
     }
 
 
+def last_eval_loss(eval_rows: list[dict], rows: list[dict]) -> float | None:
+    """The last evaluation's loss: this process' own, else the last one a resumed run's earlier rows hold."""
+    if eval_rows:
+        return eval_rows[-1]["eval_loss"]
+    evaluated = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return evaluated[-1] if evaluated else None
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
     # Written last: its presence marks the run finished (see rundir.py).
     tmp = run_dir / (SUMMARY + ".tmp")
@@ -90,8 +98,15 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     tmp.rename(run_dir / SUMMARY)
 
 
-def plot_loss(run_dir: Path, rows: list[dict]) -> None:
+def plot_loss(run_dir: Path, rows: list[dict], eval_rows: list[dict] = ()) -> None:
+    """Training loss per step; with evaluation, eval loss at the steps evaluated (the rows' own, a resumed run's
+    earlier ones included, and eval.jsonl's, e.g. step 0 with eval_on_start)."""
     from qfsdp.plots import line_plot
 
-    line_plot(run_dir / "loss.png", [("loss", [r["step"] for r in rows], [r["loss"] for r in rows])],
-              xlabel="optimizer step", ylabel="training loss", title=run_dir.name, marker=".")
+    series = [("train loss", [r["step"] for r in rows], [r["loss"] for r in rows])]
+    evaluated = {r["step"]: r["eval_loss"] for r in [*rows, *eval_rows] if "eval_loss" in r}
+    if evaluated:
+        steps = sorted(evaluated)
+        series.append(("eval loss", steps, [evaluated[s] for s in steps]))
+    line_plot(run_dir / "loss.png", series, xlabel="optimizer step", ylabel="loss" if evaluated else "training loss",
+              title=run_dir.name, marker=".")

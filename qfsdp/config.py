@@ -121,6 +121,10 @@ class DatasetConfig:
     max_samples: Optional[int] = None
     # Hold out this many examples (drawn with the seed) as the evaluation set, for trainer.eval_strategy=steps|epoch.
     eval_samples: int = 0
+    # Or hold out this share of the examples (0 < f < 1, drawn with the seed, so the same on every rank).
+    eval_fraction: Optional[float] = None
+    # Or evaluate on another split of a dataset that has splits (validation, test[:200]); not for a single file.
+    eval_split: Optional[str] = None
     # synthetic only: number of sequences and their length in tokens (the longest, with lengths=lognormal).
     num_samples: int = 256
     seq_length: int = 128

@@ -95,19 +95,44 @@ def _jsonl_rows(p: Path, where: str) -> Iterator[tuple[str, dict]]:
         yield f"line {number}", row
 
 
-def load_source(cfg: DatasetConfig):
-    """The rows as stored (a `datasets.Dataset`), before they are checked and put in TRL's format."""
+def load_source(cfg: DatasetConfig, eval_split: bool = False):
+    """The rows as stored (a `datasets.Dataset`), before they are checked and put in TRL's format; with
+    `eval_split`, those of `dataset.eval_split` instead of `dataset.split`."""
     import datasets
 
+    split = cfg.eval_split if eval_split else cfg.split
     local = local_source(cfg)
+    if eval_split and (local is None or not _saved_with_datasets(local)):
+        try:
+            return datasets.load_dataset(cfg.path if local is None else str(local), data_files=cfg.data_files,
+                                         split=split)
+        except ValueError as e:  # an unknown split: datasets names the ones there are
+            raise DatasetError(f"dataset.eval_split={split}: {str(e).strip().splitlines()[0]}") from None
     if local is None:
-        return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=cfg.split)
+        return datasets.load_dataset(cfg.path, data_files=cfg.data_files, split=split)
     if local.is_file():
         return datasets.load_dataset(_BUILDERS.get(local.suffix, "json"), data_files=str(local), split="train")
     if _saved_with_datasets(local):
         saved = datasets.load_from_disk(str(local))
-        return saved[cfg.split] if isinstance(saved, datasets.DatasetDict) else saved
-    return datasets.load_dataset(str(local), data_files=cfg.data_files, split=cfg.split)
+        if eval_split and (not isinstance(saved, datasets.DatasetDict) or split not in saved):
+            names = f"its splits are {', '.join(saved)}" if isinstance(saved, datasets.DatasetDict) else "it has none"
+            raise DatasetError(f"dataset.eval_split={split} is not a split of {describe_source(cfg)} ({names}; a "
+                               f"directory saved with datasets takes split names only)")
+        return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
+    return datasets.load_dataset(str(local), data_files=cfg.data_files, split=split)
+
+
+def check_eval_split_source(cfg: DatasetConfig) -> None:
+    """`dataset.eval_split` needs a source with splits: not synthetic data, not one file."""
+    if cfg.eval_split is None:
+        return
+    if is_synthetic(cfg):
+        raise DatasetError(f"dataset.eval_split={cfg.eval_split}: dataset=synthetic has no splits; hold out "
+                           f"examples with dataset.eval_samples=N or dataset.eval_fraction=F instead")
+    local = local_source(cfg)
+    if local is not None and not local.is_dir():
+        raise DatasetError(f"dataset.eval_split={cfg.eval_split}: {describe_source(cfg)} is one file, without "
+                           f"splits; hold out examples with dataset.eval_fraction=F or dataset.eval_samples=N instead")
 
 
 def dataset_rows(ds) -> Iterator[tuple[str, dict]]:
@@ -334,13 +359,24 @@ def check_training_flags(trainer, kind: str | None, where: str, ds: DatasetConfi
     `rows`: how many examples there are, where known."""
     describe = _DESCRIPTIONS.get(kind, "").format(text_field="text")
     evaluates = _name(trainer.get("eval_strategy") or "no") != "no" or trainer.get("eval_on_start")
-    if evaluates and ds.eval_samples < 1:
+    chosen = eval_settings(ds)
+    if len(chosen) > 1:
+        raise DatasetError(f"{' and '.join(chosen)} are {'both' if len(chosen) == 2 else 'all'} set; choose one "
+                           f"evaluation set: examples held out (dataset.eval_samples=N or dataset.eval_fraction=F) or "
+                           f"a split (dataset.eval_split=NAME, e.g. validation[:200] for its first 200)")
+    if evaluates and not chosen:
         raise DatasetError(f"evaluation (trainer.eval_strategy={trainer.get('eval_strategy')}, eval_on_start="
                            f"{bool(trainer.get('eval_on_start'))}) needs an evaluation set: hold out examples with "
-                           f"dataset.eval_samples=N")
+                           f"dataset.eval_samples=N or dataset.eval_fraction=F, or name a split with "
+                           f"dataset.eval_split=NAME")
     if ds.eval_samples < 0 or rows is not None and ds.eval_samples >= rows:
         raise DatasetError(f"dataset.eval_samples={ds.eval_samples} must be between 0 and the number of examples "
                            f"({rows if rows is not None else 'unknown'}) less one, so some are left to train on")
+    f = ds.eval_fraction
+    # datasets' train_test_split keeps floor((1 - f) * rows) examples to train on
+    if f is not None and (not 0 < f < 1 or rows is not None and math.floor((1 - f) * rows) < 1):
+        raise DatasetError(f"dataset.eval_fraction={f} must be between 0 and 1 (exclusive) and leave at least one of "
+                           f"the {rows if rows is not None else 'unknown number of'} examples to train on")
     if kind is not None and trainer.get("assistant_only_loss") and kind not in ("messages", "prompt_completion_chat"):
         raise DatasetError(f"trainer.assistant_only_loss=true needs conversational data (messages of {{role, "
                            f"content}}) but {where} is {describe}")
@@ -354,6 +390,13 @@ def check_training_flags(trainer, kind: str | None, where: str, ds: DatasetConfi
             f"trainer.padding_free=true without packing does not truncate (TRL), so it needs trainer.max_length=null "
             f"(data already short enough), or trainer.packing=true to cut sequences at "
             f"trainer.max_length={trainer.get('max_length')}")
+
+
+def eval_settings(ds: DatasetConfig) -> list[str]:
+    """The evaluation-set settings a config sets (at most one may be)."""
+    return [name for name, on in (("dataset.eval_samples", ds.eval_samples != 0),
+                                  ("dataset.eval_fraction", ds.eval_fraction is not None),
+                                  ("dataset.eval_split", ds.eval_split is not None)) if on]
 
 
 def _kept(rows: int, ds: DatasetConfig) -> int:
@@ -371,6 +414,7 @@ def check_before_load(cfg, load_tokenizer) -> None:
             raise DatasetError("dataset.lengths=lognormal needs dataset.median_length >= 2 and dataset.length_sigma "
                                ">= 0")
         check_training_flags(cfg.trainer, "tokens", "dataset=synthetic", ds, ds.num_samples)
+        check_eval_split_source(ds)
         return
     if local_source(ds) is None:
         check_training_flags(cfg.trainer, None, describe_source(ds), ds)  # a hub dataset: the worker checks its rows
@@ -378,6 +422,8 @@ def check_before_load(cfg, load_tokenizer) -> None:
     where = describe_source(ds)
     insp = check_rows(local_rows(ds), ds, where)
     check_training_flags(cfg.trainer, insp.kind, where, ds, _kept(insp.rows, ds))
+    if ds.eval_split is not None:
+        eval_split_rows(ds, insp.kind)
     if insp.conversational:
         try:
             tokenizer = load_tokenizer()
@@ -438,9 +484,23 @@ def synthetic_dataset(cfg: DatasetConfig, vocab_size: int, seed: int):
     return datasets.Dataset.from_dict({"input_ids": [row[:n] for row, n in zip(ids.tolist(), lengths)]})
 
 
+def eval_split_rows(cfg: DatasetConfig, kind: str | None = None):
+    """The rows of `dataset.eval_split`, checked like the training rows and, given the training rows' `kind`, in
+    the same format."""
+    check_eval_split_source(cfg)
+    raw = load_source(cfg, eval_split=True)
+    where = f"{describe_source(cfg)} split {cfg.eval_split!r}"
+    insp = check_rows(dataset_rows(raw), cfg, where)
+    if kind is not None and insp.kind != kind:
+        raise DatasetError(f"{where} is {insp.describe()} but the training split is "
+                           f"{_DESCRIPTIONS[kind].format(text_field=cfg.text_field)}; evaluate on data of one format")
+    return raw
+
+
 def load_datasets(cfg: DatasetConfig, vocab_size: int, seed: int, raw=None):
     """(train, eval) as `datasets.Dataset`s in TRL's format (`text`, `messages` or `prompt`/`completion` columns),
-    or `input_ids` for synthetic data; eval is None without dataset.eval_samples. `raw`: the rows from
+    or `input_ids` for synthetic data. eval: `dataset.eval_split`, or examples held out with the seed
+    (`eval_samples` of them, or the share `eval_fraction`; the same on every rank), or None. `raw`: the rows from
     `load_source`, if already loaded."""
     if is_synthetic(cfg):
         ds = synthetic_dataset(cfg, vocab_size, seed)
@@ -448,9 +508,17 @@ def load_datasets(cfg: DatasetConfig, vocab_size: int, seed: int, raw=None):
         ds = to_trl_format(load_source(cfg) if raw is None else raw, cfg)
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
-    if cfg.eval_samples < 1:
+    if cfg.eval_split is not None:
+        evaluation = to_trl_format(eval_split_rows(cfg), cfg)
+        if evaluation.column_names != ds.column_names:
+            raise DatasetError(f"{describe_source(cfg)} split {cfg.eval_split!r} has columns "
+                               f"{evaluation.column_names}, the training split {ds.column_names}; evaluate on data "
+                               f"of one format")
+        return ds, evaluation
+    held_out = cfg.eval_fraction if cfg.eval_fraction is not None else cfg.eval_samples
+    if held_out is None or held_out <= 0:
         return ds, None
-    split = ds.train_test_split(test_size=cfg.eval_samples, shuffle=True, seed=seed)
+    split = ds.train_test_split(test_size=held_out, shuffle=True, seed=seed)
     return split["train"], split["test"]
 
 

@@ -125,11 +125,16 @@ class TokenCounter:
         return int(self._real), int(self._padding)
 
 
+def _name(value) -> str:
+    return getattr(value, "value", value)  # transformers' IntervalStrategy, or a plain string
+
+
 class MetricsCallback(TrainerCallback):
     """Appends one JSON object per logged optimizer step to `run_dir/metrics.jsonl` (rank 0 only).
 
     `on_log` runs on every rank the same number of times, so gathering each rank's memory there is safe.
     A step that ends with a checkpoint is written once the save is done, with its time and size (`record_checkpoint`).
+    A step that is evaluated gets `eval_loss` in its row (every eval_* figure also goes to eval.jsonl).
     A resumed run starts from its checkpoint's rows (`previous_rows`); its elapsed time goes on from theirs.
     """
 
@@ -156,6 +161,7 @@ class MetricsCallback(TrainerCallback):
     # Step phases (StepPhases): marks at the step's start, after each micro-step but the last, after the last one's
     # backward and clipping (on_pre_optimizer_step), after the optimizer step, and at the step's end.
     def on_step_begin(self, args, state, control, **kwargs):
+        self.flush()  # a row held for an evaluation that did not come (an epoch eval_strategy, mid-epoch)
         self.phases.begin()
 
     def on_substep_end(self, args, state, control, **kwargs):
@@ -180,6 +186,12 @@ class MetricsCallback(TrainerCallback):
         mems = [m for m, _ in gathered]
         if "eval_loss" in logs:
             self._write_eval(state.global_step, logs)
+            if self._held is not None and self._held["step"] == state.global_step:
+                self._held["eval_loss"] = float(logs["eval_loss"])
+                if not control.should_save:
+                    self.flush()
+            elif self.rows and self.rows[-1]["step"] == state.global_step:
+                self.rows[-1]["eval_loss"] = float(logs["eval_loss"])  # already written (a save came first)
         if "loss" not in logs:
             return
         now = time.perf_counter()
@@ -201,7 +213,10 @@ class MetricsCallback(TrainerCallback):
         }
         self._unwritten_save = {}
         self.rows.append(row)
-        if control.should_save:
+        # Held for this step's evaluation (its eval_loss joins the row; evaluation runs after the log, and with
+        # eval_strategy=epoch only once the epoch ends) or its checkpoint.
+        evaluates_at_epoch_end = _name(args.eval_strategy) == "epoch"
+        if control.should_save or control.should_evaluate or evaluates_at_epoch_end:
             self._held = row
         else:
             self._write(row)

@@ -44,11 +44,14 @@ def append_to_run_log(run_dir: Path, message: str, level: str = "INFO") -> None:
         f.write(f"[{stamp}][qfsdp][{level}] - {message}\n")
 
 
-def step_figures(row: dict) -> dict[str, str]:
+def step_figures(row: dict, eval_loss: float | None = None) -> dict[str, str]:
     """The figures shown for one metrics.jsonl row: loss, tokens/s (all ranks together), peak memory of the
-    fullest rank (GPU allocated, or process RSS on CPU)."""
-    return {"loss": f"{row['loss']:.4f}", "tokens/s": f"{row['tokens_per_second']:,.0f}",
-            "peak": f"{max(row['peak_memory_gib']):.2f}GiB"}
+    fullest rank (GPU allocated, or process RSS on CPU), and the last evaluation's loss once there is one."""
+    figures = {"loss": f"{row['loss']:.4f}", "tokens/s": f"{row['tokens_per_second']:,.0f}",
+               "peak": f"{max(row['peak_memory_gib']):.2f}GiB"}
+    if eval_loss is not None:
+        figures["eval_loss"] = f"{eval_loss:.4f}"
+    return figures
 
 
 class ProgressBar(ProgressCallback):
@@ -75,18 +78,34 @@ class ProgressBar(ProgressCallback):
             super().on_step_end(args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        rows = self.metrics.rows
-        if not state.is_world_process_zero or not rows or rows[-1]["step"] != state.global_step \
-                or "loss" not in (logs or {}):
+        logs = logs or {}
+        rows, evals = self.metrics.rows, self.metrics.eval_rows
+        if not state.is_world_process_zero:
+            return
+        where = f"step {state.global_step}/{state.max_steps}"
+        if "eval_loss" in logs:  # an evaluation (after its step's own line): the bar's postfix shows it from now on
+            text = f"eval_loss={logs['eval_loss']:.4f}"
+            if self.training_bar is not None and rows:
+                self.training_bar.set_postfix_str(self._text(rows[-1], evals))
+            elif self.training_bar is None:
+                print(f"{where}: {text}", flush=True)
+            if self.run_dir is not None:
+                append_to_run_log(self.run_dir, f"{where}: {text}")
+            return
+        if not rows or rows[-1]["step"] != state.global_step or "loss" not in logs:
             return  # not a training step's log (e.g. the final train_runtime summary)
-        figures = step_figures(rows[-1])
-        text = ", ".join(f"{k}={v}" for k, v in figures.items())
+        text = self._text(rows[-1], evals)
         if self.training_bar is not None:
             self.training_bar.set_postfix_str(text)
         else:
-            print(f"step {state.global_step}/{state.max_steps}: {text}", flush=True)
+            print(f"{where}: {text}", flush=True)
         if self.run_dir is not None:
-            append_to_run_log(self.run_dir, f"step {state.global_step}/{state.max_steps}: {text}")
+            append_to_run_log(self.run_dir, f"{where}: {text}")
+
+    @staticmethod
+    def _text(row: dict, evals: list[dict]) -> str:
+        figures = step_figures(row, evals[-1]["eval_loss"] if evals else None)
+        return ", ".join(f"{k}={v}" for k, v in figures.items())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.training_bar is not None:

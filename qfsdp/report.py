@@ -4,10 +4,11 @@
     python -m qfsdp.report RUN_DIR [RUN_DIR ...] -o OUT   # any run directories, side by side (first = reference)
 
 Writes summary.csv and summary.md (per job: overrides, world size, status ok/failed with the error line, steps,
-final loss, max |Δloss| against the first job with the same global batch, tokens/s, MFU, peak memory per GPU, wall
-time), loss_curves.png (every job overlaid), throughput.png and memory.png. After `python launch.py -m ...` the
-sweep's own directory gets them without asking: `SweepReport` is a Hydra callback (conf/config.yaml,
-hydra.callbacks), run after every job (so a sweep cut short still has its report) and at the end of the sweep.
+final loss, eval loss (when evaluated), max |Δloss| against the first job with the same global batch, tokens/s, MFU,
+peak memory per GPU, wall time), loss_curves.png (every job overlaid), throughput.png and memory.png. After
+`python launch.py -m ...` the sweep's own directory gets them without asking: `SweepReport` is a Hydra callback
+(conf/config.yaml, hydra.callbacks), run after every job (so a sweep cut short still has its report) and at the end of
+the sweep.
 
 Reads per run: .hydra/config.yaml and overrides.yaml, metrics.jsonl, summary.json (finished), status.json (a sweep
 job that failed) and error-rank*.txt (the failing ranks' error lines).
@@ -30,7 +31,7 @@ from qfsdp.distributed import env_rank
 from qfsdp.rundir import STATUS, SUMMARY, first_error, write_status
 
 FILES = ("summary.csv", "summary.md", "loss_curves.png", "throughput.png", "memory.png")
-COLUMNS = ("job", "overrides", "world_size", "status", "error", "steps", "final_loss", "max_abs_dloss",
+COLUMNS = ("job", "overrides", "world_size", "status", "error", "steps", "final_loss", "eval_loss", "max_abs_dloss",
            "dloss_reference", "tokens_per_second", "mfu", "peak_memory_gib", "wall_time_s", "device", "run_dir")
 
 
@@ -155,6 +156,14 @@ def job_mfu(job: Job) -> float | None:
     return flops.mfu(job.summary["tokens_per_second"], job.summary["world_size"], per_token, peak)
 
 
+def job_eval_loss(job: Job) -> float | None:
+    """The last evaluation's loss: summary.json's, or (a run not finished) the last metrics.jsonl row that has one."""
+    if job.summary is not None and job.summary.get("eval_loss") is not None:
+        return job.summary["eval_loss"]
+    evaluated = [r["eval_loss"] for r in job.rows if "eval_loss" in r]
+    return evaluated[-1] if evaluated else None
+
+
 def job_row(job: Job, ref: Job | None) -> dict:
     s = job.summary
     last = job.rows[-1] if job.rows else None
@@ -167,6 +176,7 @@ def job_row(job: Job, ref: Job | None) -> dict:
         "error": job.error,
         "steps": last["step"] if last else (s["steps"] if s else None),
         "final_loss": last["loss"] if last else None,
+        "eval_loss": job_eval_loss(job),
         "max_abs_dloss": max_abs_dloss(job, ref) if ref is not None and job.rows else None,
         "dloss_reference": ref.name if ref is not None and job.rows else None,
         "tokens_per_second": s["tokens_per_second"] if s else None,
@@ -204,15 +214,17 @@ def _fmt(value, spec: str) -> str:
 def table(jobs: list[Job], rows: list[dict]) -> list[str]:
     """The Markdown table: a job's own overrides only (the shared ones are said once, above it)."""
     _, own = _split_overrides(jobs)
-    lines = [("| job | overrides | world size | status | steps | final loss | max abs Δloss (vs job) | tokens/s "
-              "| MFU | peak GiB/GPU | wall s |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    evaluated = any(r["eval_loss"] is not None for r in rows)  # the eval loss column only when a job has one
+    lines = [("| job | overrides | world size | status | steps | final loss | " + ("eval loss | " if evaluated else "")
+              + "max abs Δloss (vs job) | tokens/s | MFU | peak GiB/GPU | wall s |"),
+             "|---" * (12 if evaluated else 11) + "|"]
     for job, r in zip(jobs, rows):
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}"
         dloss = "ref" if r["dloss_reference"] == r["job"] else (
             f"{r['max_abs_dloss']:.2e} (vs {r['dloss_reference']})" if r["max_abs_dloss"] is not None else "-")
         cells = [r["job"], " ".join(own[job.name]) or "-", _fmt(r["world_size"], ""), status,
-                 _fmt(r["steps"], ""), _fmt(r["final_loss"], ".4f"), dloss, _fmt(r["tokens_per_second"], ",.0f"),
+                 _fmt(r["steps"], ""), _fmt(r["final_loss"], ".4f"),
+                 *([_fmt(r["eval_loss"], ".4f")] if evaluated else []), dloss, _fmt(r["tokens_per_second"], ",.0f"),
                  _fmt(r["mfu"], ".1%"), _fmt(r["peak_memory_gib"], ".2f"), _fmt(r["wall_time_s"], ".0f")]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return lines

@@ -134,7 +134,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         wall_time_s=time.perf_counter() - start, output=output,
     )
     if d.is_main:
-        artifacts.plot_loss(run_dir, callback.rows)
+        artifacts.plot_loss(run_dir, callback.rows, callback.eval_rows)
         artifacts.write_summary(run_dir, summary)
     return summary, model
 

@@ -176,23 +176,45 @@ def test_packed_row_losses_equal_each_example_alone():
 def test_packed_chat_one_vs_two_processes(tmp_path):
     """The conversational sample, assistant turns only, packed (padding-free rows, no attention mask): FSDP2 at 1 and
     2 processes train the same within 1e-5, and no batch carries padding. Eight conversations held out are evaluated
-    at the end (trainer.eval_strategy), the same at both."""
-    runs = {}
+    after steps 2 and 3 (trainer.eval_strategy), the same at both within 1e-5; eval_loss reaches metrics.jsonl,
+    summary.json, the progress bar, the log file and a sweep report."""
+    from qfsdp.report import write_report
+
+    runs, consoles = {}, {}
     for ws in (1, 2):
         runs[ws] = tmp_path / f"ws{ws}"
-        launch("dataset=sample_chat", "trainer.assistant_only_loss=true", "trainer.packing=true",
-               "trainer.max_length=128", "precision=fp32", f"world_size={ws}", "trainer.max_steps=3",
-               "dataset.eval_samples=8", "trainer.eval_strategy=steps", "trainer.eval_steps=3",
-               "trainer.eval_packing=false", "trainer.per_device_eval_batch_size=2", f"hydra.run.dir={runs[ws]}")
+        consoles[ws] = launch(
+            "dataset=sample_chat", "trainer.assistant_only_loss=true", "trainer.packing=true",
+            "trainer.max_length=128", "precision=fp32", f"world_size={ws}", "trainer.max_steps=3",
+            "dataset.eval_samples=8", "trainer.eval_strategy=steps", "trainer.eval_steps=2",
+            "trainer.eval_packing=false", "trainer.per_device_eval_batch_size=2", f"hydra.run.dir={runs[ws]}")
     one, two = metrics(runs[1]), metrics(runs[2])
     assert len(one) == len(two) == 3
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= 1e-5
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     assert all(r["padding_tokens"] == 0 for r in one + two)
     evals = [[json.loads(line) for line in (runs[ws] / "eval.jsonl").read_text().splitlines()] for ws in (1, 2)]
-    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [3]
-    assert abs(evals[0][0]["eval_loss"] - evals[1][0]["eval_loss"]) <= 1e-5
-    assert summary(runs[2])["eval_loss"] == evals[1][0]["eval_loss"]
+    # every eval_steps steps, and at the last step (transformers)
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [2, 3]
+    assert max(abs(a["eval_loss"] - b["eval_loss"]) for a, b in zip(*evals)) <= 1e-5
+    for ws, rows, (e2, e3) in ((1, one, evals[0]), (2, two, evals[1])):
+        # each evaluated step's own metrics row carries it
+        assert [r.get("eval_loss") for r in rows] == [None, e2["eval_loss"], e3["eval_loss"]]
+        assert summary(runs[ws])["eval_loss"] == e3["eval_loss"]
+        assert (runs[ws] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # the bar's postfix shows the last evaluation; the log file has each, and step 3's line the one before it
+        bars = [line for line in consoles[ws].stderr.splitlines() if "%|" in line]
+        assert f"eval_loss={e3['eval_loss']:.4f}" in bars[-1] and "3/3" in bars[-1]
+        log = (runs[ws] / "launch.log").read_text()
+        assert f"step 2/3: eval_loss={e2['eval_loss']:.4f}\n" in log
+        assert f"step 3/3: loss={rows[2]['loss']:.4f}, " in log and f", eval_loss={e2['eval_loss']:.4f}\n" in log
+        assert f"step 3/3: eval_loss={e3['eval_loss']:.4f}\n" in log
+    # the sweep report's table: the eval loss column, from summary.json
+    _, report_rows = write_report([runs[1], runs[2]], tmp_path / "report")
+    assert [r["eval_loss"] for r in report_rows] == [evals[0][-1]["eval_loss"], evals[1][-1]["eval_loss"]]
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "| final loss | eval loss |" in md and f"| {evals[1][-1]['eval_loss']:.4f} |" in md
+    assert "eval_loss" in (tmp_path / "report" / "summary.csv").read_text().splitlines()[0]
 
 
 # -- formats and sources ----------------------------------------------------------------------------------------------
@@ -248,6 +270,97 @@ def test_chat_sample_and_tiny_template():
     out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     learned = tok.decode([i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m])
     assert learned == " " + conv[-1]["content"] + "</s>"
+
+
+# -- evaluation sets ---------------------------------------------------------------------------------------------------
+
+
+def _eval_sets(*overrides):
+    from qfsdp.data import load_datasets
+
+    cfg = compose_config(["trainer.eval_strategy=steps", *overrides])
+    validate(cfg, CPU)
+    return load_datasets(cfg.dataset, 512, cfg.seed)
+
+
+def test_eval_fraction_holds_out_a_share_with_the_seed():
+    train, evaluation = _eval_sets("dataset.eval_fraction=0.25")
+    assert (len(train), len(evaluation)) == (180, 60)  # of the sample's 240
+    assert set(train["text"]).isdisjoint(evaluation["text"])
+    # the same draw again (each rank makes its own): the same split
+    again_train, again_eval = _eval_sets("dataset.eval_fraction=0.25")
+    assert again_train["text"] == train["text"] and again_eval["text"] == evaluation["text"]
+    assert _eval_sets("dataset.eval_fraction=0.25", "seed=7")[1]["text"] != evaluation["text"]
+    # after max_samples: a share of the examples kept
+    assert [len(d) for d in _eval_sets("dataset.eval_fraction=0.25", "dataset.max_samples=40")] == [30, 10]
+
+
+def test_eval_split_of_a_directory(tmp_path):
+    import datasets
+
+    qa = _qa(12)
+    rows = [{"prompt": q, "completion": a} for q, a in qa]
+    files = tmp_path / "files"
+    files.mkdir()
+    _write(files / "train.jsonl", rows[:8])
+    _write(files / "validation.jsonl", rows[8:])
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:8]),
+                          "test": datasets.Dataset.from_list(rows[8:])}).save_to_disk(str(tmp_path / "saved"))
+    train, evaluation = _eval_sets("dataset=local", f"dataset.path={files}", "dataset.eval_split=validation")
+    assert train["prompt"] == [r["prompt"] for r in rows[:8]]
+    assert evaluation["prompt"] == [r["prompt"] for r in rows[8:]]
+    assert evaluation.column_names == ["prompt", "completion"]
+    # a split expression of datasets
+    _, first = _eval_sets("dataset=local", f"dataset.path={files}", "dataset.eval_split='validation[:2]'")
+    assert first["prompt"] == [r["prompt"] for r in rows[8:10]]
+    # a DatasetDict saved with datasets: by name
+    _, saved = _eval_sets("dataset=local", f"dataset.path={tmp_path / 'saved'}", "dataset.eval_split=test")
+    assert saved["prompt"] == [r["prompt"] for r in rows[8:]]
+    msg = _error("dataset=local", f"dataset.path={tmp_path / 'saved'}", "dataset.eval_split=validation")
+    assert "dataset.eval_split=validation is not a split of" in msg and "its splits are train, test" in msg
+    msg = _error("dataset=local", f"dataset.path={files}", "dataset.eval_split=dev")
+    assert msg.startswith("dataset.eval_split=dev: ") and "validation" in msg
+    # a split of another format than the training split's
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:8]),
+                          "validation": datasets.Dataset.from_list([{"text": "a b c"}])}).save_to_disk(
+        str(tmp_path / "mixed"))
+    msg = _error("dataset=local", f"dataset.path={tmp_path / 'mixed'}", "dataset.eval_split=validation")
+    assert "split 'validation' is language modeling" in msg and "training split is prompt-completion" in msg
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["dataset.eval_samples=8", "dataset.eval_fraction=0.1"],
+     "dataset.eval_samples and dataset.eval_fraction are both set; choose one evaluation set"),
+    (["dataset.eval_fraction=0.1", "dataset.eval_split=validation"],
+     "dataset.eval_fraction and dataset.eval_split are both set"),
+    (["dataset.eval_fraction=1.0"], "dataset.eval_fraction=1.0 must be between 0 and 1"),
+    (["dataset.eval_fraction=0.5", "dataset.max_samples=1"], "leave at least one of the 1 examples"),
+    (["dataset.eval_split=validation"], "dataset 'sample' is one file, without splits; hold out examples with "
+                                        "dataset.eval_fraction=F"),
+    (["dataset=synthetic", "dataset.eval_split=test"], "dataset=synthetic has no splits"),
+    (["trainer.eval_strategy=steps"], "dataset.eval_fraction=F, or name a split with dataset.eval_split=NAME"),
+])
+def test_eval_set_settings(overrides, expected):
+    assert expected in _error(*overrides)
+
+
+def test_loss_plot_has_the_eval_curve(tmp_path, monkeypatch):
+    """loss.png: the training loss per step, and the eval loss at the steps evaluated (step 0: eval_on_start),
+    each with its legend entry."""
+    from qfsdp import artifacts, plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "line_plot", lambda path, series, **kw: drawn.update(series=series, **kw))
+    rows = [{"step": s, "loss": 3.0 - s / 10} for s in (1, 2, 3, 4)]
+    rows[1]["eval_loss"], rows[3]["eval_loss"] = 2.9, 2.7
+    artifacts.plot_loss(tmp_path, rows, [{"step": 0, "eval_loss": 3.1}, {"step": 2, "eval_loss": 2.9}])
+    assert drawn["series"] == [("train loss", [1, 2, 3, 4], [2.9, 2.8, 2.7, 2.6]),
+                               ("eval loss", [0, 2, 4], [3.1, 2.9, 2.7])]
+    artifacts.plot_loss(tmp_path, [{"step": 1, "loss": 2.0}])
+    assert [label for label, _, _ in drawn["series"]] == ["train loss"] and drawn["ylabel"] == "training loss"
+    monkeypatch.undo()
+    artifacts.plot_loss(tmp_path, rows)  # a real file too
+    assert (tmp_path / "loss.png").stat().st_size > 0
 
 
 # -- bad data and settings, before any weights load --------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import SCRIPTS, launch, metrics, run_cmd, summary
 
-COLUMNS = ["job", "overrides", "world_size", "status", "error", "steps", "final_loss", "max_abs_dloss",
+COLUMNS = ["job", "overrides", "world_size", "status", "error", "steps", "final_loss", "eval_loss", "max_abs_dloss",
            "dloss_reference", "tokens_per_second", "mfu", "peak_memory_gib", "wall_time_s", "device", "run_dir"]
 REPORT_FILES = ["summary.csv", "summary.md", "loss_curves.png", "throughput.png", "memory.png"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -84,7 +84,7 @@ def test_report_rows_are_the_runs_own_numbers(sweep):
         assert float(row["tokens_per_second"]) == s["tokens_per_second"] > 0
         assert float(row["peak_memory_gib"]) == max(s["peak_memory_gib"]) > 0
         assert float(row["wall_time_s"]) == s["wall_time_s"]
-        assert row["device"] == "cpu" and row["mfu"] == "" and row["error"] == ""
+        assert row["device"] == "cpu" and row["mfu"] == "" and row["error"] == "" and row["eval_loss"] == ""
 
 
 def test_dloss_is_against_the_first_job_with_the_same_global_batch(sweep):

@@ -108,13 +108,23 @@ def test_disable_tqdm_prints_one_line_per_step(tmp_path, capsys):
 
     (tmp_path / "launch.log").write_text("")
     row = {"step": 1, "loss": 6.25, "tokens_per_second": 1234.5, "peak_memory_gib": [0.5, 0.75]}
-    bar = ProgressBar(SimpleNamespace(rows=[row]), tmp_path)
+    metrics = SimpleNamespace(rows=[row], eval_rows=[])
+    bar = ProgressBar(metrics, tmp_path)
     args = SimpleNamespace(disable_tqdm=True)
     state = SimpleNamespace(is_world_process_zero=True, global_step=1, max_steps=3)
     bar.on_train_begin(args, state, None)
     bar.on_step_end(args, state, None)
     bar.on_log(args, state, None, logs={"loss": 6.25})
+    # an evaluation (MetricsCallback recorded it first): its own line, then every step's line carries it
+    metrics.eval_rows.append({"step": 1, "eval_loss": 6.5})
+    bar.on_log(args, state, None, logs={"eval_loss": 6.5})
+    state.global_step = 2
+    metrics.rows.append({**row, "step": 2})
+    bar.on_log(args, state, None, logs={"loss": 6.25})
     bar.on_log(args, state, None, logs={"train_runtime": 1.0})  # the end-of-training summary: not a step
     bar.on_train_end(args, state, None)
-    assert capsys.readouterr().out == "step 1/3: loss=6.2500, tokens/s=1,234, peak=0.75GiB\n"
-    assert (tmp_path / "launch.log").read_text().endswith(" - step 1/3: loss=6.2500, tokens/s=1,234, peak=0.75GiB\n")
+    assert capsys.readouterr().out == ("step 1/3: loss=6.2500, tokens/s=1,234, peak=0.75GiB\n"
+                                       "step 1/3: eval_loss=6.5000\n"
+                                       "step 2/3: loss=6.2500, tokens/s=1,234, peak=0.75GiB, eval_loss=6.5000\n")
+    assert (tmp_path / "launch.log").read_text().endswith(
+        " - step 2/3: loss=6.2500, tokens/s=1,234, peak=0.75GiB, eval_loss=6.5000\n")
