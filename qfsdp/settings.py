@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -147,18 +148,34 @@ def check_trainer_config(cfg: DictConfig, world_size: int) -> None:
     transformers' __post_init__ checks fail here instead of after the model has loaded."""
     from qfsdp.train import sft_config
 
-    with tempfile.TemporaryDirectory(prefix="qfsdp-validate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qfsdp-validate-") as tmp, _no_device_setup():
         try:
             sft_config(cfg, Path(tmp), world_size, use_cpu=True)
         except (ValueError, TypeError) as e:
             raise ConfigError(trainer_error(cfg.trainer, e)) from None
 
 
+@contextmanager
+def _no_device_setup():
+    """TrainingArguments.__post_init__ sets up devices: accelerate's process-wide PartialState (cpu, from use_cpu),
+    and under torchrun a process group. The worker's own SFTConfig must be the first to do that, so here the device
+    setup is skipped (it checks nothing about the settings)."""
+    import torch
+    from transformers import TrainingArguments
+
+    original = TrainingArguments.__dict__["_setup_devices"]
+    TrainingArguments._setup_devices = property(lambda self: torch.device("cpu"))
+    try:
+        yield
+    finally:
+        TrainingArguments._setup_devices = original
+
+
 def trainer_error(trainer: DictConfig, error: Exception) -> str:
     """One line naming the trainer.<field> a library error is about: the first field named in its message, else the
     first field whose (non-default) value it quotes."""
     text = " ".join(str(error).split())
-    text = text if len(text) <= 300 else text[:297] + "..."
+    text = text if len(text) <= 1000 else text[:997] + "..."  # whole lists of choices fit
     field = _field_named(trainer, text) or _field_quoted(trainer, text)
     if field is None:
         return f"the trainer settings were refused by TRL/transformers: {text}; fix the trainer.* setting it names"

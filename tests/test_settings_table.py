@@ -26,6 +26,7 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("world_size=0", (), "world_size=0 must be at least 1"),
     ("seed=-1", (), "seed=-1 must be in [0, 2**32)"),
     ("gpu_memory_limit_gib=0", (), "gpu_memory_limit_gib=0"),
+    ("resume=/no/such/checkpoint", (), "resume=/no/such/checkpoint does not exist"),
     # model
     ("model.path=./no/such/model", (), "model.path=./no/such/model does not exist"),
     ("model.dropout=1.5", ("model=tiny_opt",), "model.dropout=1.5 must be in [0, 1)"),
@@ -102,6 +103,14 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
 CPU = Machine(gpus=0)
 
 
+def _launcher_checks(cfg, run_dir: Path) -> None:
+    """What the launcher runs before starting any process (qfsdp/launcher.py run_job)."""
+    from qfsdp import checkpoint
+
+    validate(cfg, CPU)
+    checkpoint.resolve_resume(cfg, run_dir)
+
+
 def _key(setting: str) -> str:
     return setting.split("=", 1)[0]
 
@@ -118,10 +127,10 @@ def _no_weights(monkeypatch):
 
 
 @pytest.mark.parametrize("setting,extra,needle", BAD_SETTINGS, ids=[c[0] for c in BAD_SETTINGS])
-def test_bad_setting_fails_before_loading(setting, extra, needle):
+def test_bad_setting_fails_before_loading(setting, extra, needle, tmp_path):
     started = time.monotonic()
     with pytest.raises(ConfigError) as e:
-        validate(compose_config([*extra, setting]), CPU)
+        _launcher_checks(compose_config([*extra, setting]), tmp_path)
     message = str(e.value)
     assert "\n" not in message and needle in message, message
     assert _key(setting).split(".")[0] in message or "=" in message  # names a setting
@@ -131,13 +140,18 @@ def test_bad_setting_fails_before_loading(setting, extra, needle):
 
 def test_table_covers_every_group():
     groups = {_key(s).split(".")[0] for s, _, _ in BAD_SETTINGS}
-    assert {"model", "quant", "lora", "fsdp2", "precision", "dataset", "trainer", "world_size", "seed"} <= groups
+    assert {"model", "quant", "lora", "fsdp2", "precision", "dataset", "trainer", "world_size", "seed", "resume"} <= groups
     assert len(BAD_SETTINGS) >= 40
 
 
 def test_good_config_still_passes():
-    assert validate(compose_config([]), CPU) == 1
+    from accelerate.state import PartialState
+
+    before = dict(PartialState._shared_state)
+    assert validate(compose_config(["trainer.dataloader_num_workers=1", "trainer.dataloader_prefetch_factor=2"]),
+                    CPU) == 1
     assert not dist.is_initialized()
+    assert PartialState._shared_state == before  # the SFTConfig built to check the settings set up no device state
 
 
 def render_doc() -> str:
