@@ -83,6 +83,8 @@ def check_settings(cfg: DictConfig) -> None:
 
 
 def _check_companions(cfg: DictConfig) -> None:
+    if not cfg.model.path:  # "" would be read as the current directory
+        raise ConfigError("model.path is empty; give a hub id, a model directory, or model=tiny")
     ds = cfg.dataset
     from qfsdp.data import BUNDLED
 

@@ -29,6 +29,7 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("resume=/no/such/checkpoint", (), "resume=/no/such/checkpoint does not exist"),
     # model
     ("model.path=./no/such/model", (), "model.path=./no/such/model does not exist"),
+    ("model.path=", (), "model.path is empty"),
     ("model.dropout=1.5", ("model=tiny_opt",), "model.dropout=1.5 must be in [0, 1)"),
     ("model.attn_implementation=fast", (), "model.attn_implementation=fast is not one of"),
     ("model.architecture=gpt5", (), "model.architecture=gpt5 is not one of"),
