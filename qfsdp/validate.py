@@ -65,11 +65,13 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     """Run every pre-load check; return the world size the job will use (`slurm`: the qfsdp.slurm.SlurmJob this
     driver runs in, if any)."""
     world_size = resolve_world_size(cfg, machine, torchrun_world_size, slurm)
+    _check_settings(cfg)
     _check_precision(cfg, machine)
     _check_parallelism(cfg, world_size)
     _check_batch(cfg, world_size)
     if (owned := owned_trainer_field_error(cfg.trainer)) is not None:
         raise ConfigError(owned)
+    _check_trainer_config(cfg, world_size)
     _check_model_path(cfg)
     if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1), or null for the model's own")
@@ -79,6 +81,20 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     if cfg.gpu_memory_limit_gib is not None and cfg.gpu_memory_limit_gib <= 0:
         raise ConfigError(f"gpu_memory_limit_gib={cfg.gpu_memory_limit_gib} must be positive GiB, or null for no cap")
     return world_size
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Each value's range and choices first (qfsdp/settings.py): later checks would blame another setting."""
+    from qfsdp.settings import check_settings
+
+    check_settings(cfg)
+
+
+def _check_trainer_config(cfg: DictConfig, world_size: int) -> None:
+    """The real SFTConfig, built here so that TRL's and transformers' own checks run before loading."""
+    from qfsdp.settings import check_trainer_config
+
+    check_trainer_config(cfg, world_size)
 
 
 def check_precision_on_device(dtype: str) -> None:
