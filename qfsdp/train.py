@@ -21,16 +21,7 @@ from qfsdp import artifacts
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks
 from qfsdp.model import attach_lora, base_model, load_model, load_tokenizer, make_trainable_fp32
 from qfsdp.shard import parallelize, quantized_bytes
-
-
-def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"trainer.global_batch_size={global_batch} is not a multiple of per_device_train_batch_size * world_size "
-            f"= {micro_batch} * {world_size} = {per_step}; pick a global batch divisible by {per_step}"
-        )
-    return global_batch // per_step
+from qfsdp.validate import gradient_accumulation_steps
 
 
 def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):

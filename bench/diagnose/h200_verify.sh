@@ -8,7 +8,7 @@ torchrun --standalone --nproc_per_node=1 --master_port 29611 bench/diagnose/comp
 python3 -m qfsdp.bench prepare --rows qfsdp-1,stock-1 > /tmp/d/prep.log 2>&1
 wait
 python3 launch.py world_size=1 $P trainer.max_steps=10 hydra.run.dir=/tmp/d/q1 > /tmp/d/q1.log 2>&1; tps /tmp/d/q1 q1 | tee -a $out/summary.txt
-torchrun --standalone --nproc_per_node=1 -m qfsdp.stock /tmp/d/s1 $P trainer.max_steps=10 > /tmp/d/s1.log 2>&1; tps /tmp/d/s1 s1 | tee -a $out/summary.txt
+torchrun --standalone --nproc_per_node=1 -m qfsdp.bench.stock /tmp/d/s1 $P trainer.max_steps=10 > /tmp/d/s1.log 2>&1; tps /tmp/d/s1 s1 | tee -a $out/summary.txt
 python3 launch.py world_size=1 $P trainer.max_steps=10 compile=true hydra.run.dir=/tmp/d/q1c > /tmp/d/q1c.log 2>&1; tps /tmp/d/q1c q1-compile | tee -a $out/summary.txt
 python3 launch.py world_size=1 $P trainer.max_steps=6 profile=true hydra.run.dir=/tmp/d/q1p > /tmp/d/q1p.log 2>&1
 cp /tmp/d/q1p/profile.txt $out/profile_q1.txt; cp /tmp/d/cm_1_1.json $out/; cat /tmp/d/*.log > $out/logs.txt

@@ -11,7 +11,7 @@ lane0() {
   python3 -m qfsdp.bench prepare --rows qfsdp-1,stock-1
   touch /tmp/d/prepared
   python3 launch.py world_size=1 $P trainer.max_steps=6 profile=true hydra.run.dir=/tmp/d/q1p
-  torchrun --standalone --nproc_per_node=1 -m qfsdp.stock /tmp/d/s1p $P trainer.max_steps=6 profile=true
+  torchrun --standalone --nproc_per_node=1 -m qfsdp.bench.stock /tmp/d/s1p $P trainer.max_steps=6 profile=true
   python3 launch.py world_size=1 $P trainer.max_steps=10 trainer.logging_nan_inf_filter=true hydra.run.dir=/tmp/d/q1n
   tps /tmp/d/q1n q1-nanfilter-ON
 }
@@ -23,7 +23,7 @@ lane1() {
   while [ ! -f /tmp/d/prepared ]; do sleep 5; done
   python3 launch.py world_size=1 $P trainer.max_steps=10 hydra.run.dir=/tmp/d/q1
   tps /tmp/d/q1 q1
-  torchrun --standalone --nproc_per_node=1 --master_port 29612 -m qfsdp.stock /tmp/d/s1 $P trainer.max_steps=10
+  torchrun --standalone --nproc_per_node=1 --master_port 29612 -m qfsdp.bench.stock /tmp/d/s1 $P trainer.max_steps=10
   tps /tmp/d/s1 s1
 }
 lane0 > /tmp/d/lane0.log 2>&1 &
