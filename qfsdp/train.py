@@ -4,8 +4,7 @@ Model setup, in order:
 1. load the base model into CPU memory (linear layers as bitsandbytes 4-bit layers, not yet quantized);
 2. attach LoRA with the same seed on every rank, and check the init is identical;
 3. build the SFTTrainer (it tokenizes the data), then keep LoRA weights float32;
-4. parallelize: activation checkpointing, then layer by layer onto the device (quantized there), NF4Weight,
-   compile and fully_shard; then embeddings, head and root;
+4. parallelize (shard.py): activation checkpointing, then unit by unit onto the device, quantized and sharded;
 5. train; rank 0 writes metrics, the adapter, summary.json and loss.png.
 """
 
@@ -16,23 +15,28 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers.distributed.configuration_utils import DistributedConfig
+from trl import SFTConfig, SFTTrainer
 
 from qfsdp import artifacts
-from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks
+from qfsdp.data import load_train_dataset
+from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
+from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
 from qfsdp.model import attach_lora, base_model, load_model, load_tokenizer, make_trainable_fp32
+from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
+from qfsdp.profiling import ProfileCallback
+from qfsdp.progress import attach
 from qfsdp.shard import parallelize, quantized_bytes
 from qfsdp.validate import gradient_accumulation_steps
 
 
-def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
-    from trl import SFTConfig
-
-    t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    global_batch = t.pop("global_batch_size")
-    ga = gradient_accumulation_steps(global_batch, t["per_device_train_batch_size"], world_size)
+def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool) -> SFTConfig:
+    fields = OmegaConf.to_container(cfg.trainer, resolve=True)
+    global_batch = fields.pop("global_batch_size")
     return SFTConfig(
         output_dir=str(run_dir / "trainer"),
-        gradient_accumulation_steps=ga,
+        gradient_accumulation_steps=gradient_accumulation_steps(global_batch, fields["per_device_train_batch_size"],
+                                                                world_size),
         seed=cfg.seed,
         data_seed=cfg.seed,
         # Precision is FSDP2's mixed-precision policy (see shard.py), not autocast: gathered weights are cast once
@@ -48,19 +52,12 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
         include_num_input_tokens_seen="non_padding",
         use_cpu=use_cpu,
         dataset_text_field="text",
-        **t,
+        **fields,
     )
 
 
 def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.nn.Module]:
     """Train on this rank; return the run summary and the trained (still sharded) model."""
-    from trl import SFTTrainer
-
-    from qfsdp.data import load_train_dataset
-    from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
-    from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
-    from qfsdp.progress import attach
-
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     dtype = getattr(torch, cfg.precision.dtype)
@@ -81,8 +78,6 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     args = sft_config(cfg, run_dir, d.world_size, use_cpu=d.device.type == "cpu")
     mesh = None
     if cfg.fsdp2.enabled:
-        from qfsdp.distributed import data_parallel_mesh
-
         mesh = data_parallel_mesh(d.device.type, d.world_size, cfg.fsdp2.replicate)
         hand_sharded_model_to_trainer(model, d.world_size, replicate=cfg.fsdp2.replicate)
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
@@ -91,12 +86,8 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
                          callbacks=callbacks)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
-    parallelize(
-        model, mesh, d.device, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
-        compile=cfg.compile, reshard_after_forward=cfg.fsdp2.reshard_after_forward, cpu_offload=cfg.fsdp2.offload,
-        forward_prefetch=cfg.fsdp2.forward_prefetch, layers_per_unit=cfg.fsdp2.layers_per_unit,
-        deterministic=cfg.deterministic,
-    )
+    parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=cfg.compile,
+                deterministic=cfg.deterministic)
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)
     qbytes = all_gather_object(quantized_bytes(model))
@@ -116,8 +107,6 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
 
 def profile_callbacks(cfg: DictConfig, run_dir: Path, d: Dist) -> list:
-    from qfsdp.profiling import ProfileCallback
-
     return [ProfileCallback(run_dir if d.is_main else None)] if cfg.profile else []
 
 
@@ -132,8 +121,6 @@ def hand_sharded_model_to_trainer(model: torch.nn.Module, world_size: int, repli
     With HSDP (`replicate` > 1) the sizes must describe the mesh: Trainer then defers only the all-reduce across
     replicas during gradient accumulation (`set_requires_all_reduce(False)`), not the reduce-scatter within one.
     """
-    from transformers.distributed.configuration_utils import DistributedConfig
-
     base = base_model(model)
     base.config.distributed_config = DistributedConfig(fsdp_size=world_size // replicate, dp_replicate_size=replicate)
     base._is_distributed_loading_by_transformers = True
