@@ -5,8 +5,9 @@
 #   python -m qfsdp.bench report DOCS_DIR OUT3 OUT1 OUT2 OUT4
 #
 # As bench/h200x4.sh, fitted to two GPUs: part 1 runs two one-GPU lanes side by side; parts 2 and 4 run two-GPU rows
-# one after another; part 3 runs the rows whose tokens/s are compared, alone on the host. Sized from the fourth
-# 4 x H200 run's row times (not yet run on a 2-GPU host).
+# one after another; part 3 runs the rows whose tokens/s are compared, alone on the host. Sized from the row times on
+# 4 x H200 (2026-11-21, aa7eeb5); part 3 ran on 2 x H200 (cd3a114; stock-2-ddp cut by the stop time), the others not
+# yet.
 set -euo pipefail
 part=${1:?usage: bash bench/h200x2.sh 1|2|3|4 OUT}
 out=${2:?usage: bash bench/h200x2.sh 1|2|3|4 OUT}

@@ -8,8 +8,8 @@
 # lanes side by side on disjoint GPUs (bench/gpu.sh), then (part 3) the 4-GPU and DDP rows on every GPU. Part 2: the
 # rows whose tokens/s are compared (qfsdp vs the stock recipe, 2 GPUs vs 1), one after another with the host to
 # themselves: beside other lanes, a row's speed depends on what those lanes do at the time (loading a checkpoint,
-# quantizing), which differs from row to row. Parts 1 and 2 fit their 9 minutes in the fourth run; part 3's
-# stock-2-ddp and qfsdp-4 did not run there (the stop time cuts what does not fit, and the report lists it).
+# quantizing), which differs from row to row. Parts 1 and 2 fit their 9 minutes on 2026-11-21 (aa7eeb5); part 3's
+# stock-2-ddp and qfsdp-4 did not run then (the stop time cuts what does not fit, and the report lists it).
 set -euo pipefail
 part=${1:?usage: bash bench/h200x4.sh 1|2|3 OUT}
 out=${2:?usage: bash bench/h200x4.sh 1|2|3 OUT}

@@ -42,6 +42,7 @@ class ModelConfig:
 class QuantConfig:
     enabled: bool = True
     quant_type: str = "nf4"
+    # Quantize the block scales too: ~0.4 bit/parameter less for a little compute.
     double_quant: bool = True
     # Storage dtype of the packed 4-bit bytes. uint8 is gathered byte-exact by FSDP2; bfloat16 matches checkpoints
     # saved by the accelerate recipe.
@@ -51,8 +52,11 @@ class QuantConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = True
+    # Adapter rank: higher = more capacity and memory.
     r: int = 16
+    # Scale = lora_alpha / r.
     lora_alpha: int = 32
+    # Dropout on the adapter input; > 0 regularizes small datasets.
     lora_dropout: float = 0.0
     # PEFT's own names; "all-linear" = every attention and MLP projection (not the output head).
     target_modules: Any = "all-linear"
@@ -64,22 +68,19 @@ class FSDP2Config:
     enabled: bool = True
     # Free each unit's gathered weights after its forward (less memory, one more all-gather in backward).
     reshard_after_forward: bool = True
-    # Each unit of decoder layers starts the next unit's all-gather in its forward, so it can overlap compute even
-    # when the host is barely ahead of the GPU (eager steps); two units' gathered weights at a time. See shard.py.
+    # Each unit's forward starts the next unit's all-gather: it overlaps compute even when the host is barely ahead
+    # of the device; two units' gathered weights at a time.
     forward_prefetch: bool = True
-    # Consecutive decoder layers per FSDP2 unit: one all-gather and one reduce-scatter for all of them. Fewer units
-    # cost the host less work per step (eager steps wait on it); each unit's weights are held whole while it runs,
-    # two units at a time with prefetch, so larger units hold more memory. At or above the layer count: one unit,
-    # never resharded (no memory saved by sharding the layers). See shard.parallelize.
+    # Consecutive decoder layers per FSDP2 unit: fewer units, less host work per step; each unit is held whole while
+    # it runs, so more memory. At or above the layer count: one unit, never resharded.
     layers_per_unit: int = 1
-    # Keep frozen weights' shards in CPU memory (LoRA A/B, their gradients and optimizer state stay on the device;
-    # with full fine-tuning every weight is offloaded, gradients and optimizer state with it). See shard.py.
+    # Frozen weights' shards in CPU memory: least device memory, slower steps. LoRA weights, their gradients and
+    # optimizer state stay on the device (full fine-tuning offloads everything).
     offload: bool = False
     # Recompute each decoder layer's activations in backward (much less memory, ~1/3 more compute).
     activation_checkpointing: bool = True
-    # HSDP: number of replica groups. 1 = shard across all processes (FSDP); R > 1 = shard within groups of
-    # world_size / R processes and replicate across the R groups (e.g. R = nodes: all-gathers stay in a node, only
-    # the gradient all-reduce crosses nodes).
+    # HSDP replica groups: 1 = shard across all processes; R > 1 = shard within groups of world_size / R processes,
+    # replicate across them (R = nodes: only the gradient all-reduce crosses nodes).
     replicate: int = 1
 
 
@@ -147,8 +148,7 @@ TRAINER_DEFAULTS: dict[str, Any] = dict(
     adam_beta2=0.999,
     adam_epsilon=1e-8,
     # transformers' own default on torch >= 2.8 (so the stock recipe's too): one fused op per parameter group
-    # instead of a dozen foreach ops. The optimizer phase of an 8B-shape step (r=16) took 10.4-10.5 ms with it and
-    # 14.5-22.6 ms with foreach on H200s (different machines; docs/BENCHMARKS.md, eighth session).
+    # instead of a dozen foreach ops.
     optim="adamw_torch_fused",
     logging_steps=1,
     # Off, unlike transformers' default: with it on, a NaN or inf loss is logged as the average of earlier losses
@@ -273,18 +273,15 @@ class Config:
     precision: PrecisionConfig = MISSING
     dataset: DatasetConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # torch.compile each decoder layer (with activation checkpointing: its attention, MLP and norms; with
-    # deterministic=true its attention and MLP only) (shard.compile_layer).
+    # torch.compile each decoder layer (its parts under activation checkpointing; shard.compile_layer): slower start,
+    # faster steps.
     compile: bool = False
     seed: int = 42
     # Processes (GPUs, or CPU processes when there is no GPU). null = every visible GPU, or 1 without GPUs.
     world_size: Optional[int] = None
-    # Deterministic GPU kernels (torch.use_deterministic_algorithms, strict: an op without one stops the run): the
-    # same run twice gives the same losses (bit-identical on 2 H200s: docs/BENCHMARKS.md, fifth session), so
-    # configurations compare below GPU run-to-run noise. Slower (flash attention's deterministic backward instead of
-    # cuDNN's; uninitialized memory filled). With compile=true, Inductor keeps eager's rounding of low-precision
-    # intermediates and its division, and the norms stay eager (shard.compile_layer): on 2 H200s the first step's loss
-    # is then bit-identical to eager's and losses stay within 6.1e-4 over 20 steps (docs/BENCHMARKS.md, sixth session).
+    # Deterministic GPU kernels, strict (an op without one stops the run): the same run twice gives the same losses,
+    # so configurations compare below run-to-run noise. Slower. With compile=true, Inductor keeps eager's rounding
+    # and the norms stay eager (shard.compile_layer); docs/design.md.
     deterministic: bool = False
     # Cap every GPU's memory for this run, in GiB (e.g. 15 to behave like a 16 GB Tesla T4); null = no cap.
     # Ignored on CPU.

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from qfsdp import checkpoint
 from qfsdp.distributed import env_rank, under_torchrun
+from qfsdp.progress import log_to_run_log_only
 from qfsdp.rundir import SUMMARY, finished_run_error, first_error, is_finished, write_status
 from qfsdp.slurm import SlurmJob
 from qfsdp.validate import ConfigError, Machine, validate
@@ -47,6 +48,7 @@ def run_job(cfg: DictConfig) -> None:
             raise ConfigError(finished_run_error(run_dir))
         if cfg.resume is None and checkpoint.is_interrupted_run(run_dir):
             raise ConfigError(checkpoint.interrupted_run_error(run_dir))
+        log_to_run_log_only(run_dir if main_driver else None)  # library warnings: launch.log, not the console
         machine = Machine.detect()
         slurm = None if torchrun_world_size is not None else SlurmJob.from_env(visible_gpus=machine.gpus)
         world_size = validate(cfg, machine, torchrun_world_size, slurm)
@@ -101,7 +103,10 @@ def _start_workers(run_dir: Path, world_size: int, slurm: SlurmJob | None = None
     cmd = torchrun_command(run_dir, world_size, slurm)
     for stale in run_dir.glob("error-rank*.txt"):
         stale.unlink(missing_ok=True)  # every node's driver clears them, before any worker can start
-    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if slurm is None and world_size > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for 2+ processes anyway, without its banner
+    result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
         error = first_error(run_dir) or (
             f"workers exited with code {result.returncode} and no rank recorded an error: a process died without a "

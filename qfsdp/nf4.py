@@ -131,22 +131,14 @@ class NF4Weight(torch.Tensor):
         if out is not None:
             # FSDP2 re-gathers into the same buffer `out` already views; nothing to rebuild.
             return
-        # Compute gets the gathered bytes as a plain tensor, not as an NF4Weight: every op on a tensor subclass goes
-        # through Python dispatch, about seven per layer call, which made one-GPU steps CPU-bound (12% of CPU time
-        # on an H200, profiled). `attach_quant_states` gives the gathered parameter its quant state on first use.
+        # Compute gets the gathered bytes as a plain tensor: every op on a tensor subclass goes through Python
+        # dispatch. `attach_quant_states` gives the gathered parameter its quant state on first use.
         return gathered.view(storage_dtype), (gathered,)
 
 
 class _SignedMethod:
-    """A method whose bound form carries its signature, so `inspect.signature` of it is a lookup.
-
-    FSDP2 calls `inspect.signature` on `fsdp_pre_all_gather`, bound to the tensor, at every all-gather of every 4-bit
-    weight it manages (it accepts two calling conventions): 7 weights x 63 gathers per micro-step for the 8B shape at
-    2+ GPUs or with offload, on the host of steps that wait on the host. For a bound method `inspect.signature`
-    builds a new `Signature` each time (the function's, less `self`): 6.1 us a lookup on the development CPU even
-    with the function's own signature precomputed (21.5 us without), against 2.0 us for this callable, which
-    carries its `__signature__`; at 2 processes a 32-layer micro-step makes 7,902 fewer Python calls
-    (bench/diagnose/host_overhead.py; `tests/test_nf4_unit.py` times both kinds of lookup).
+    """A method whose bound form carries its signature, so `inspect.signature` of it is a lookup: FSDP2 calls it at
+    every all-gather of every 4-bit weight, on the host that eager steps wait on (docs/design.md).
     """
 
     def __init__(self, fn):

@@ -1,13 +1,9 @@
 """Python's garbage collector, kept from stalling the GPU during training.
 
-Python starts a collection whenever enough objects have been allocated; a full one walks every tracked object of
-the process (the model's modules and parameters, transformers, datasets...), on the thread that launches GPU work.
-With FSDP2's hooks allocating Python objects per layer, that landed in the same layer of every micro-step: on an
-H200 (8B shape, one GPU, `profile=true`) layer 7's `FSDP::pre_forward` took 14.6 ms of CPU time per micro-step
-with no operator under it, and the GPU idled 208 ms per two optimizer steps there, the largest single cause in the
-profile. As torchtitan does, automatic collection is off while training, and a young-generation collection runs
-at the end of every optimizer step instead (a full one every `FULL_COLLECTION_EVERY` steps); what exists before
-training is frozen (never scanned again).
+Python starts a collection whenever enough objects have been allocated, on the thread that launches GPU work; with
+FSDP2's hooks allocating per layer, it stalled the same layer of every micro-step (docs/design.md). As torchtitan
+does, automatic collection is off while training, and a young-generation collection runs at the end of every
+optimizer step instead (a full one every `FULL_COLLECTION_EVERY` steps); what exists before training is frozen.
 """
 
 from __future__ import annotations

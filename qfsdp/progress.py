@@ -6,6 +6,7 @@ sweep's summary through error-rank*.txt (see worker.record_error and report.py).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ def run_log_path(run_dir: Path) -> Path | None:
     return logs[0] if logs else None
 
 
-def append_to_run_log(run_dir: Path, message: str, level: str = "INFO") -> None:
+def append_to_run_log(run_dir: Path, message: str, level: str = "INFO", name: str = "qfsdp") -> None:
     """One line in the run's log file, in Hydra's format.
 
     Opened per line in append mode, as Hydra's own handler is: the driver and rank 0 (separate processes) both write
@@ -41,7 +42,36 @@ def append_to_run_log(run_dir: Path, message: str, level: str = "INFO") -> None:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
     with path.open("a") as f:
-        f.write(f"[{stamp}][qfsdp][{level}] - {message}\n")
+        f.write(f"[{stamp}][{name}][{level}] - {message}\n")
+
+
+class RunLogHandler(logging.Handler):
+    """Log records into the run's log file only (append_to_run_log), not the console."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage().strip()
+            if record.name == "py.warnings":
+                message = message.splitlines()[0]  # the warning, without the source line that raised it
+            append_to_run_log(self.run_dir, message, record.levelname, record.name)
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_run_log_only(run_dir: Path | None) -> None:
+    """Library warnings, which a user cannot act on, and qfsdp's own setup lines (e.g. what shard.py applied) go to
+    the run's log file; `run_dir` None (ranks other than 0): nowhere. The console keeps the progress bar."""
+    logging.captureWarnings(True)
+    handler = RunLogHandler(run_dir) if run_dir is not None else logging.NullHandler()
+    for name in ("py.warnings", "qfsdp"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    logging.getLogger("qfsdp").setLevel(logging.INFO)
 
 
 def step_figures(row: dict, eval_loss: float | None = None) -> dict[str, str]:

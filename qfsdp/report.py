@@ -141,8 +141,8 @@ def references(jobs: list[Job]) -> dict[str, Job]:
 
 
 def job_mfu(job: Job) -> float | None:
-    """MFU against the datasheet peak of the run's GPU (qfsdp.flops); None on CPU, an unknown GPU or fp32."""
-    from qfsdp import flops
+    """MFU against the datasheet peak of the run's GPU (qfsdp.bench.flops); None on CPU, an unknown GPU or fp32."""
+    from qfsdp.bench import flops
 
     if job.summary is None or job.config is None:
         return None
@@ -246,7 +246,7 @@ def markdown(jobs: list[Job], rows: list[dict], sources: list[Path]) -> str:
         "",
         ("Columns: Δloss per step against the first job with the same `trainer.global_batch_size` (ref); "
          "tokens/s over all GPUs after the first step; MFU against the GPU's datasheet bf16/fp16 peak "
-         "(`qfsdp/flops.py`; \"-\" on CPU, an unlisted GPU or fp32); peak memory of the fullest rank (GPU allocated, "
+         "(`qfsdp/bench/flops.py`; \"-\" on CPU, an unlisted GPU or fp32); peak memory of the fullest rank (GPU allocated, "
          "or process RSS on CPU); wall time of loading, training and saving (process start-up excluded). Every value: "
          "`summary.csv`."),
         "",

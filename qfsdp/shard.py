@@ -1,31 +1,18 @@
-"""Place and parallelize the model, in the order it must happen (as torchtitan does):
+"""Place and parallelize the model, in the order it must happen (as torchtitan does; docs/design.md explains why):
 
-1. activation checkpointing per decoder layer (transformers' own, non-reentrant);
-2. per unit of `layers_per_unit` consecutive decoder layers (default 1), one unit at a time: cast its layers'
-   frozen weights to the compute dtype, move them to the device (bitsandbytes quantizes weights as they arrive),
-   make their packed 4-bit weights `NF4Weight`s (so FSDP2 shards and gathers them byte-exactly; compute receives
-   the gathered bytes as plain tensors, given their quant state by `attach_quant_states`), `torch.compile` each
-   layer (`compile_layer`), and `fully_shard` the unit, before the next unit comes. With frozen weights sharded (or
-   offloaded), each unit's forward then starts the next unit's all-gather (`prefetch_next_unit`);
-3. the input embeddings and the frozen head, each as its own FSDP2 unit (see below), then the root (final norm,
-   buffers).
+1. activation checkpointing per decoder layer;
+2. one unit of `layers_per_unit` decoder layers at a time: cast its frozen weights, move them to the device
+   (bitsandbytes quantizes as they arrive), wrap the 4-bit weights as `NF4Weight`, compile, `fully_shard` the unit;
+   so no device ever holds more than its shards plus one unit in full precision;
+3. the input embedding and the frozen head as units of their own, stray 4-bit layers, then the root.
 
-Mixed precision is an FSDP2 policy on every unit. Frozen weights stay out of FSDP2 where it would only cost time:
-- with one process per shard group (world_size=1) a shard is the whole weight, and FSDP2 would copy every frozen
-  weight into a second buffer before each use (for the 8B shape, 3.25 GiB twice per micro-step in thousands of small
-  copies). Frozen weights are then left to their modules (`ignored_params`, as bitsandbytes made them); FSDP2
-  manages only the trained ones (mixed precision, float32 gradients), exactly as when it shards;
-- frozen vectors in decoder layers (norm weights, biases) stay whole on every rank when FSDP2 shards the rest and
-  the unit holds LoRA weights too (`_frozen_vectors`: less host work per gather, 0.5 MB per GPU for the 8B shape);
-- CPU offload moves the frozen weights to CPU RAM (for the 8B shape, 3.25 GiB of 4-bit bytes); LoRA's A and B
-  (modules whose weights are all trained), their gradients and AdamW state stay on the GPU, in one FSDP2 unit for
-  each unit of layers (r=16: 4.2e7 weights x 16 bytes = 0.63 GiB, all ranks together). The optimizer step then runs
-  on the GPU with the same arithmetic as without offload, not as a CPU Adam between steps. (Equal losses are
-  expected; on GPUs that waits on strict `deterministic=true` being run there.) Trained weights that share a module
-  with frozen ones (`lora.bias`, full fine-tuning) stay with them in CPU RAM, their optimizer step on the CPU.
+Without a mesh (fsdp2=off) the model moves whole to the device: the unsharded reference.
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import bitsandbytes as bnb
 import torch
@@ -34,176 +21,185 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from qfsdp.config import FSDP2Config
 from qfsdp.model import base_model, decoder_layers
 from qfsdp.nf4 import NF4Weight, attach_quant_states, keep_portable_cpu_kernels, packed_bytes, to_nf4_weight
 
+logger = logging.getLogger(__name__)
 
-def parallelize(
-    model: nn.Module,
-    mesh: DeviceMesh | None,
-    device: torch.device,
-    *,
-    param_dtype: torch.dtype,
-    activation_checkpointing: bool,
-    compile: bool,
-    reshard_after_forward: bool,
-    cpu_offload: bool,
-    forward_prefetch: bool = True,
-    layers_per_unit: int = 1,
-    deterministic: bool = False,
-) -> nn.Module:
-    """Apply steps 1-3 above in place. `mesh=None` leaves the model whole on `device` (the unsharded reference).
 
-    `layers_per_unit` consecutive decoder layers form one FSDP2 unit (the last unit may hold fewer). Each unit costs
-    the host a fixed amount of work per all-gather and per reduce-scatter whatever its size (hooks, collective
-    launches, buffer copies), and eager steps wait on the host: on 2 H200s a micro-step of the 8B shape is 40-51 ms
-    longer than on one, about 0.7 ms per gather (docs/BENCHMARKS.md). Fewer, larger units cost the host less; each
-    unit's gathered weights are held whole, two units at a time with prefetch, so larger units hold more memory (for
-    the 8B shape at 2 GPUs, 0.1 GiB of gathered 4-bit weights per layer).
-    """
+@dataclass(frozen=True)
+class Placement:
+    """What every step of `parallelize` shares."""
+
+    device: torch.device
+    param_dtype: torch.dtype  # compute dtype of frozen weights
+    mesh: DeviceMesh
+    mp_policy: MixedPrecisionPolicy
+    frozen_offload: OffloadPolicy  # CPUOffloadPolicy with fsdp2.offload, else none
+    sharding: bool  # more than one process per shard group
+    manage_frozen: bool  # FSDP2 holds frozen weights (sharded or offloaded); else they stay plain, outside it
+
+    @property
+    def fsdp_kwargs(self) -> dict:
+        """The keywords every fully_shard call shares."""
+        return dict(mesh=self.mesh, mp_policy=self.mp_policy)
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device, fsdp2: FSDP2Config, *,
+                param_dtype: torch.dtype, compile: bool = False, deterministic: bool = False) -> nn.Module:
+    """Apply steps 1-3 above in place; `mesh=None` leaves the model whole on `device`."""
     layers = decoder_layers(model)
-    if activation_checkpointing:
+    if fsdp2.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-    # Accelerate refuses to train a 4-bit model whose recorded placement (`hf_device_map`) differs from the training
-    # device; the model was loaded into CPU memory and lives on `device` from here on.
-    base = base_model(model)
-    base.hf_device_map = {"": device.index if device.type == "cuda" else device.type}
-
+        logger.info("activation checkpointing on %d decoder layers", len(layers))
+    _record_training_device(model, device)
     if mesh is None:
-        # Unsharded: bitsandbytes' own Params4bit as they are (an NF4Weight would only add Python dispatch).
-        cast_frozen(model, param_dtype)
-        model.to(device)
-        for m in _linears_4bit(model):
-            keep_portable_cpu_kernels(m)
-        for layer in layers if compile else []:
-            compile_layer(layer, activation_checkpointing, deterministic)
-        return model
+        return _place_unsharded(model, layers, device, param_dtype, compile, fsdp2.activation_checkpointing,
+                                deterministic)
 
-    mp_policy = MixedPrecisionPolicy(
-        # None keeps float32: FSDP2 then does no cast at all (the bit-exact reference path).
-        param_dtype=None if param_dtype == torch.float32 else param_dtype,
-        reduce_dtype=torch.float32,
-    )
-    shard = dict(mesh=mesh, mp_policy=mp_policy)
-    # pin_memory needs a GPU; on CPU the offloaded shards are ordinary memory.
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    sharding = mesh.size(mesh.ndim - 1) > 1  # more than one process per shard group
-    manage_frozen = cpu_offload or sharding  # see the module docstring
-    units = [layers[i:i + layers_per_unit] for i in range(0, len(layers), layers_per_unit)]
-    for u, unit in enumerate(units):
-        for layer in unit:
-            # This rank's GPU holds its shards so far plus one unit in full precision, never the whole model.
-            cast_frozen(layer, param_dtype)
-            layer.to(device)
-            _prepare_4bit(layer, manage_frozen)
-            if compile:
-                compile_layer(layer, activation_checkpointing, deterministic)
-        # The last unit's weights would be gathered again right away for backward: keep them (as torchtitan does).
-        # A unit that leaves the layers' frozen weights alone holds only their LoRA weights (~0.6% of an 8B layer):
-        # keep them all (full fine-tuning, with nothing frozen, still reshards).
-        frozen = [p for layer in unit for p in _frozen(layer)]
-        lora_only = not manage_frozen and bool(frozen)
-        reshard = reshard_after_forward and not lora_only and u < len(units) - 1
-        trained = [m for layer in unit for m in _trained_modules(layer)]
-        # Frozen vectors stay whole where the unit keeps trained weights beside its 4-bit ones (see _frozen_vectors).
-        vectors = _frozen_vectors(frozen) if trained and not cpu_offload else set()
-        if cpu_offload and trained and frozen:
-            # One unit for the LoRA modules (`fully_shard([...])`: one gather and one reduce for all). A unit
-            # per LoRA module (448 units, each gathered and reduced on its own) ran at 4,637 tokens/s against 10,111
-            # on 2 H200s and came no closer to the losses without offload (docs/bench-h200x4-run4/call-p3-results.md).
-            # With compile=true the LoRA units' FSDP2 hooks (kept out of torch.compile) split each compiled part.
-            fully_shard(trained, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **shard)
-        # Several layers in one unit (`fully_shard([...])`): one all-gather and one reduce-scatter for all of them
-        # (see layers_per_unit above).
-        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=reshard, offload_policy=offload,
-                    ignored_params=vectors if manage_frozen else set(frozen), **shard)
-        if manage_frozen:
-            for layer in unit:
-                attach_quant_states(layer, _linears_4bit(layer))
-    if manage_frozen and forward_prefetch:
+    place = _placement(mesh, device, param_dtype, fsdp2.offload)
+    units = shard_decoder_layers(layers, place, fsdp2, compile, deterministic)
+    if place.manage_frozen and fsdp2.forward_prefetch:
         prefetch_next_unit([unit[0] for unit in units])
-    # The input embeddings and the head are the largest full-precision weights (1 GiB each in bf16 for Llama 3.1
-    # 8B). As its own unit, the embedding is gathered only during its forward. So is a frozen head, by a different
-    # road: TRL's fused LM head reads `lm_head.weight` directly, not through `lm_head.forward` (FSDP2's hooks), and
-    # gathers a sharded (DTensor) weight itself with `full_tensor()`, keeping the full copy only until its own
-    # backward, right after the loss. The head's shard therefore stays on the device, even with CPU offload (TRL
-    # computes where the weight is). Outside the loss each GPU then holds only its share of the head (at 2 GPUs 0.49
-    # of 0.98 GiB for the 8B shape), through the backward of the decoder layers too. In the root the head would stay
-    # gathered from the start of forward to the end of backward. With one process per shard group there is nothing
-    # to shard: the head stays a plain weight (FSDP2's `ignored_params`). Tied to the embedding, both are one weight
-    # and stay in the root.
+        logger.info("forward prefetch: each unit's forward starts the next unit's all-gather")
+    embedding, head = _embeddings(model)
+    shard_embedding(embedding, place)
+    ignored = shard_frozen_head(head, place)
     in_layers = {m for layer in layers for m in layer.modules()}
-    embed, head = _embeddings(model)
-    if embed is not None:
-        cast_frozen(embed, param_dtype)
-        embed.to(device)
-        if manage_frozen or not _frozen(embed):
-            fully_shard(embed, reshard_after_forward=True, offload_policy=offload, **shard)
-    ignored = set()
-    if head is not None and not head.weight.requires_grad:
-        cast_frozen(head, param_dtype)
-        head.to(device)
-        if sharding:
-            # No reduce dtype (the head has no gradient to reduce): FSDP2's end-of-backward callback runs every
-            # unit's post-backward, and with a reduce dtype set it reads the gathered parameter of a unit that was
-            # never gathered through its hooks, which does not exist (AttributeError; torch 2.11 and 2.13 alike).
-            fully_shard(head, mesh=mesh, offload_policy=OffloadPolicy(), reshard_after_forward=True,
-                        mp_policy=MixedPrecisionPolicy(param_dtype=mp_policy.param_dtype))
-        else:
-            ignored = {head.weight}
-    # 4-bit layers outside the decoder layers, if the architecture has any; then the root, and fully_shard moves
-    # what is left (final norm, rotary buffers) to the device.
-    outside = [m for m in _linears_4bit(model) if m not in in_layers]
-    for m in outside:
-        cast_frozen(m, param_dtype)
-        _prepare_4bit(m.to(device), manage_frozen)
-    cast_frozen(model, param_dtype)  # what is left: final norm
-    if not manage_frozen:  # the root's frozen weights (final norm) stay plain too, moved here by hand
-        for m in model.modules():
-            for p in _frozen(m, recurse=False) if m not in in_layers else []:
-                p.data = p.data.to(device)
-                ignored.add(p)
-    fully_shard(model, reshard_after_forward=False, offload_policy=offload, ignored_params=ignored, **shard)
-    if outside and manage_frozen:
-        attach_quant_states(model, outside)
-    if manage_frozen:
+    stray = prepare_stray_4bit(model, in_layers, place)
+    shard_root(model, in_layers, place, ignored)
+    if stray and place.manage_frozen:
+        attach_quant_states(model, stray)
+    if place.manage_frozen:
         _check_4bit_shards(model)
     return model
 
 
-def prefetch_next_unit(units: list[nn.Module]) -> None:
-    """Each decoder layer unit's forward starts the next unit's all-gather (FSDP2's explicit forward prefetch);
-    `units` holds one layer of each unit (the unit's FSDP2 state is shared by its layers).
+def _placement(mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype, offload: bool) -> Placement:
+    # param_dtype None keeps float32 as it is: FSDP2 does no cast at all (the bit-exact reference path).
+    mp_policy = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                                     reduce_dtype=torch.float32)
+    # pin_memory needs a GPU; on CPU the offloaded shards are ordinary memory.
+    frozen_offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
+    sharding = mesh.size(mesh.ndim - 1) > 1
+    # With one process per shard group a shard is the whole weight: FSDP2 would only copy frozen weights.
+    return Placement(device, param_dtype, mesh, mp_policy, frozen_offload, sharding, manage_frozen=offload or sharding)
 
-    Without it FSDP2 issues a unit's all-gather in the unit's own forward pre-hook, and it overlaps compute only
-    if the host runs ahead of the GPU. Eager steps of the 8B shape are launch-bound (the GPU idle about 30% of a step
-    on an H200, docs/BENCHMARKS.md), so the host may reach a unit about when the GPU does. Backward needs no such
-    call: FSDP2 prefetches the next unit there by default. Cost: two units' gathered weights at a time in forward,
-    as when the host runs ahead. Measured on 2 × H200 (eighth session): no visible change in throughput (1.892x one
-    GPU with it, 1.884x without, on two machines) or in peak memory.
-    """
+
+def _record_training_device(model: nn.Module, device: torch.device) -> None:
+    # Accelerate refuses to train a 4-bit model whose recorded placement differs from the training device.
+    base_model(model).hf_device_map = {"": device.index if device.type == "cuda" else device.type}
+
+
+def _place_unsharded(model: nn.Module, layers: list[nn.Module], device: torch.device, param_dtype: torch.dtype,
+                     compile: bool, checkpointed: bool, deterministic: bool) -> nn.Module:
+    # bitsandbytes' own Params4bit as they are: an NF4Weight would only add Python dispatch.
+    cast_frozen(model, param_dtype)
+    model.to(device)
+    for m in _linears_4bit(model):
+        keep_portable_cpu_kernels(m)
+    for layer in layers if compile else []:
+        compile_layer(layer, checkpointed, deterministic)
+    logger.info("unsharded on %s%s", device, ", decoder layers compiled" if compile else "")
+    return model
+
+
+def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2Config, compile: bool,
+                         deterministic: bool) -> list[list[nn.Module]]:
+    """One FSDP2 unit per `layers_per_unit` consecutive layers (the last may hold fewer); returns the units."""
+    units = [layers[i:i + fsdp2.layers_per_unit] for i in range(0, len(layers), fsdp2.layers_per_unit)]
+    for index, unit in enumerate(units):
+        for layer in unit:
+            cast_frozen(layer, place.param_dtype)
+            layer.to(place.device)
+            _prepare_4bit(layer, place.manage_frozen)
+            if compile:
+                compile_layer(layer, fsdp2.activation_checkpointing, deterministic)
+        frozen = [p for layer in unit for p in _frozen(layer)]
+        trained = [m for layer in unit for m in _trained_modules(layer)]
+        # The last unit is gathered again at once for backward: keep it. So is a unit holding only LoRA weights
+        # (frozen weights left plain): they are tiny.
+        lora_only = not place.manage_frozen and bool(frozen)
+        reshard = fsdp2.reshard_after_forward and not lora_only and index < len(units) - 1
+        if fsdp2.offload and trained and frozen:
+            # LoRA A/B stay on the device, one unit for all of this unit's: the optimizer step runs there.
+            fully_shard(trained, reshard_after_forward=reshard, offload_policy=OffloadPolicy(), **place.fsdp_kwargs)
+        vectors = _frozen_vectors(frozen) if trained and not fsdp2.offload else set()
+        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=reshard,
+                    offload_policy=place.frozen_offload,
+                    ignored_params=vectors if place.manage_frozen else set(frozen), **place.fsdp_kwargs)
+        if place.manage_frozen:
+            for layer in unit:
+                attach_quant_states(layer, _linears_4bit(layer))
+    logger.info("fully_shard: %d decoder layers in %d units%s%s", len(layers), len(units),
+                ", frozen weights offloaded to CPU" if fsdp2.offload else "",
+                "" if place.manage_frozen else ", frozen weights outside FSDP2 (one process per shard group)")
+    return units
+
+
+def shard_embedding(embedding: nn.Module | None, place: Placement) -> None:
+    """The input embedding as its own unit: gathered only during its forward."""
+    if embedding is None:
+        return
+    cast_frozen(embedding, place.param_dtype)
+    embedding.to(place.device)
+    if place.manage_frozen or not _frozen(embedding):
+        fully_shard(embedding, reshard_after_forward=True, offload_policy=place.frozen_offload, **place.fsdp_kwargs)
+        logger.info("fully_shard: input embedding")
+
+
+def shard_frozen_head(head: nn.Module | None, place: Placement) -> set[nn.Parameter]:
+    """A frozen head as its own unit, sharded on the device (TRL's fused loss gathers it itself); returns the
+    weights to leave out of the root (the head, when there is nothing to shard). A trained head stays in the root."""
+    if head is None or head.weight.requires_grad:
+        return set()
+    cast_frozen(head, place.param_dtype)
+    head.to(place.device)
+    if not place.sharding:
+        return {head.weight}
+    # No reduce dtype: the head has no gradient, and with one FSDP2's end-of-backward callback would read a
+    # gathered parameter that never existed (AttributeError on torch 2.11 and 2.13).
+    fully_shard(head, mesh=place.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=place.mp_policy.param_dtype),
+                offload_policy=OffloadPolicy(), reshard_after_forward=True)
+    logger.info("fully_shard: frozen LM head")
+    return set()
+
+
+def prepare_stray_4bit(model: nn.Module, in_layers: set[nn.Module], place: Placement) -> list[bnb.nn.Linear4bit]:
+    """4-bit layers outside the decoder layers, if the architecture has any: they go to the root unit."""
+    stray = [m for m in _linears_4bit(model) if m not in in_layers]
+    for m in stray:
+        cast_frozen(m, place.param_dtype)
+        _prepare_4bit(m.to(place.device), place.manage_frozen)
+    return stray
+
+
+def shard_root(model: nn.Module, in_layers: set[nn.Module], place: Placement, ignored: set[nn.Parameter]) -> None:
+    """The root unit holds what is left (final norm, rotary buffers); fully_shard moves it to the device."""
+    cast_frozen(model, place.param_dtype)
+    ignored = set(ignored)
+    if not place.manage_frozen:  # the root's frozen weights stay plain too, moved by hand
+        for m in model.modules():
+            for p in _frozen(m, recurse=False) if m not in in_layers else []:
+                p.data = p.data.to(place.device)
+                ignored.add(p)
+    fully_shard(model, reshard_after_forward=False, offload_policy=place.frozen_offload, ignored_params=ignored,
+                **place.fsdp_kwargs)
+    logger.info("fully_shard: root")
+
+
+def prefetch_next_unit(units: list[nn.Module]) -> None:
+    """Each unit's forward starts the next unit's all-gather, so it overlaps compute even when the host is barely
+    ahead of the device; `units` holds one layer of each unit (they share its FSDP2 state)."""
     for unit, following in zip(units, units[1:]):
         unit.set_modules_to_forward_prefetch([following])
 
 
 def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False) -> None:
-    """torch.compile a decoder layer: the whole layer, or with activation checkpointing its parts.
-
-    transformers checkpoints a layer's activations inside its `forward`; compiling the whole layer traces that
-    checkpoint into the graph, where bitsandbytes' 4-bit matmul (an autograd.Function) keeps its outputs for backward
-    outside the checkpoint: on an H200 the 8B shape kept ~300 MB per layer (15.5 vs 5.8 GiB per GPU at 2 GPUs).
-    Compiled parts (attention, MLP, norms) run inside the eager checkpoint, which frees everything they save.
-    FSDP2's hooks stay on the layer either way.
-
-    `deterministic`: only the parts that hold linear layers (attention, MLP) are compiled, always as parts; parts
-    without (the norms of Llama- and Qwen2-style layers) stay eager. Inductor sums a norm's row in another order than
-    eager's reduction kernel on GPUs, which moves some bf16 roundings of every normalized activation. With the norms
-    compiled (fifth session, 2 H200s, 8B shape) step 1's loss was 6.6e-5 off eager's and losses 1.08e-3 apart by
-    step 7; with them eager (and worker.py's Inductor switches), step 1's loss is bit-identical and losses stay
-    within 6.1e-4 over 20 steps (docs/BENCHMARKS.md, sixth session). The norms are a small part of a layer's work;
-    eager there keeps compile=true comparable with eager runs, which is what deterministic=true is for.
-    """
+    """torch.compile a decoder layer, or with activation checkpointing its parts (attention, MLP, norms) inside the
+    eager checkpoint: a compiled whole layer traces the checkpoint and keeps bitsandbytes' matmul outputs alive.
+    `deterministic`: only parts holding linear layers are compiled, so norms keep eager's summation order."""
     if not checkpointed and not deterministic:
         layer.compile()
         return
@@ -211,15 +207,14 @@ def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = Fa
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward of their own
             compile_layer(child, checkpointed, deterministic)
         elif deterministic and not any(isinstance(m, nn.Linear) for m in child.modules()):
-            continue  # a norm (see above)
+            continue  # a norm
         elif any(True for _ in child.parameters()):  # parameter-free parts (dropout, activations) gain nothing
             child.compile()
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast `module`'s frozen floating-point weights to the compute dtype, in place, just before they move to the
-    device (see model.load_model: the checkpoint stays memory-mapped until then). Skips trained weights (float32
-    masters), packed 4-bit bytes and what is already sharded."""
+    """Cast frozen floating-point weights to the compute dtype in place, just before they move to the device (the
+    checkpoint stays memory-mapped until then). Skips trained weights, packed 4-bit bytes and DTensors."""
     for p in module.parameters():
         packed = getattr(p, "bnb_quantized", False) or isinstance(p.data, NF4Weight)
         if p.requires_grad or packed or isinstance(p, DTensor) or not p.is_floating_point() or p.dtype == dtype:
@@ -232,21 +227,9 @@ def _frozen(module: nn.Module, recurse: bool = True) -> list[nn.Parameter]:
 
 
 def _frozen_vectors(frozen: list[nn.Parameter]) -> set[nn.Parameter]:
-    """Frozen vectors (norm weights, biases of frozen linears) to leave whole on every rank, outside FSDP2, where
-    FSDP2 shards a unit's other frozen weights (see the module docstring).
-
-    FSDP2's host work per gather grows with the number of parameters in the unit, whatever their size (swapping each
-    into its module and out, allocating and freeing its gathered storage): about 50 Python calls per parameter per
-    gather. A Llama layer's two norm weights are 2 of its 23 parameters at 2+ GPUs and 16 KB of 0.1 GiB for the 8B
-    shape (4096 x 2 x 2 bytes): replicated, they cost 0.5 MB per GPU for all 32 layers, and at 2 processes a
-    32-layer micro-step makes 6,276 fewer Python calls (bench/diagnose/host_overhead.py, docs/BENCHMARKS.md).
-
-    Only for units that keep trained (LoRA) weights beside their 4-bit ones: not with CPU offload (LoRA weights are
-    a unit of their own there), nor for layers that LoRA's `target_modules` leaves out. The packed 4-bit weights are
-    gathered as 16-bit integers (nf4.NF4Weight.fsdp_pre_all_gather), for which NCCL has no type and gloo fails
-    ("Invalid scalar type"); FSDP2 gathers a unit of mixed dtypes as one byte buffer instead, so a unit must not be
-    left with 4-bit weights alone.
-    """
+    """Frozen vectors (norm weights, biases) to keep whole on every rank, outside FSDP2: its host work per gather
+    grows with the number of parameters, whatever their size. Only for units that keep LoRA weights too: a unit of
+    4-bit weights alone is gathered as 16-bit integers, which NCCL and gloo lack."""
     return {p for p in frozen if p.dim() <= 1}
 
 
@@ -283,9 +266,8 @@ def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
 
 
 def _check_4bit_shards(model: nn.Module) -> None:
-    """Every sharded 4-bit weight must still be an NF4Weight. If an op FSDP2 applied to it is missing from
-    nf4._BYTE_PRESERVING_OPS, the shard silently becomes plain data: FSDP2 would then gather it through its default
-    path, where a mixed-precision policy casts it (float storage numerically converted: garbage weights)."""
+    """Every sharded 4-bit weight must still be an NF4Weight: an FSDP2 op missing from nf4._BYTE_PRESERVING_OPS
+    would silently make it plain data, which a mixed-precision cast then turns into garbage weights."""
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight

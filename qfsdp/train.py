@@ -4,8 +4,7 @@ Model setup, in order:
 1. load the base model into CPU memory (linear layers as bitsandbytes 4-bit layers, not yet quantized);
 2. attach LoRA with the same seed on every rank, and check the init is identical;
 3. build the SFTTrainer (it tokenizes the data), then keep LoRA weights float32;
-4. parallelize: activation checkpointing, then layer by layer onto the device (quantized there), NF4Weight,
-   compile and fully_shard; then embeddings, head and root;
+4. parallelize (shard.py): activation checkpointing, then unit by unit onto the device, quantized and sharded;
 5. train; rank 0 writes metrics, the adapter, summary.json and loss.png.
 """
 
@@ -16,36 +15,31 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers.distributed.configuration_utils import DistributedConfig
+from trl import SFTConfig, SFTTrainer
 
-from qfsdp import artifacts
-from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks
+from qfsdp import artifacts, checkpoint
+from qfsdp.config import OWNED_TRAINER_FIELDS
+from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
+from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
+from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
 from qfsdp.model import attach_lora, base_model, load_config, load_model, load_tokenizer, make_trainable_fp32
+from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
+from qfsdp.profiling import ProfileCallback
+from qfsdp.progress import attach
 from qfsdp.shard import parallelize, quantized_bytes
+from qfsdp.validate import gradient_accumulation_steps
 
 
-def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        raise ValueError(
-            f"trainer.global_batch_size={global_batch} is not a multiple of per_device_train_batch_size * world_size "
-            f"= {micro_batch} * {world_size} = {per_step}; pick a global batch divisible by {per_step}"
-        )
-    return global_batch // per_step
-
-
-def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
-    from trl import SFTConfig
-
-    from qfsdp.config import OWNED_TRAINER_FIELDS
-
-    t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    global_batch = t.pop("global_batch_size")
+def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool) -> SFTConfig:
+    fields = OmegaConf.to_container(cfg.trainer, resolve=True)
+    global_batch = fields.pop("global_batch_size")
     for name in OWNED_TRAINER_FIELDS:
-        t.pop(name, None)  # null placeholders: validate.py refuses any other value
-    ga = gradient_accumulation_steps(global_batch, t["per_device_train_batch_size"], world_size)
+        fields.pop(name, None)  # null placeholders: validate.py refuses any other value
     return SFTConfig(
         output_dir=str(run_dir / "trainer"),
-        gradient_accumulation_steps=ga,
+        gradient_accumulation_steps=gradient_accumulation_steps(global_batch, fields["per_device_train_batch_size"],
+                                                                world_size),
         seed=cfg.seed,
         data_seed=cfg.seed,
         # Precision is FSDP2's mixed-precision policy (see shard.py), not autocast: gathered weights are cast once
@@ -64,20 +58,12 @@ def sft_config(cfg: DictConfig, run_dir: Path, world_size: int, use_cpu: bool):
         use_cpu=use_cpu,
         # qfsdp.data renames the configured text field to "text"
         dataset_text_field="text",
-        **t,
+        **fields,
     )
 
 
 def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.nn.Module]:
     """Train on this rank; return the run summary and the trained (still sharded) model."""
-    from trl import SFTTrainer
-
-    from qfsdp import checkpoint
-    from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
-    from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
-    from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
-    from qfsdp.progress import attach
-
     start = time.perf_counter()
     resume_from, previous_rows = resume_point(cfg, run_dir, d)
     torch.manual_seed(cfg.seed)
@@ -103,8 +89,6 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     args = sft_config(cfg, run_dir, d.world_size, use_cpu=d.device.type == "cpu")
     mesh = None
     if cfg.fsdp2.enabled:
-        from qfsdp.distributed import data_parallel_mesh
-
         mesh = data_parallel_mesh(d.device.type, d.world_size, cfg.fsdp2.replicate)
         hand_sharded_model_to_trainer(model, d.world_size, replicate=cfg.fsdp2.replicate)
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start, previous_rows=previous_rows)
@@ -115,12 +99,8 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     trainer.setup_checkpointing(run_dir, cfg, d.is_main, on_save=callback.record_checkpoint)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
-    parallelize(
-        model, mesh, d.device, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
-        compile=cfg.compile, reshard_after_forward=cfg.fsdp2.reshard_after_forward, cpu_offload=cfg.fsdp2.offload,
-        forward_prefetch=cfg.fsdp2.forward_prefetch, layers_per_unit=cfg.fsdp2.layers_per_unit,
-        deterministic=cfg.deterministic,
-    )
+    parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=cfg.compile,
+                deterministic=cfg.deterministic)
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)
     qbytes = all_gather_object(quantized_bytes(model))
@@ -142,7 +122,6 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 def resume_point(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[Path | None, list[dict]]:
     """The checkpoint to continue (None: a fresh start) and its metrics rows, the same on every rank. With `resume`
     set, rank 0 cuts metrics.jsonl back to those rows: steps after the checkpoint are trained again."""
-    from qfsdp import checkpoint
     from qfsdp.distributed import check_same_on_all_ranks
 
     path = checkpoint.resolve_resume(cfg, run_dir)
@@ -155,8 +134,6 @@ def resume_point(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[Path | None, 
 
 
 def profile_callbacks(cfg: DictConfig, run_dir: Path, d: Dist) -> list:
-    from qfsdp.profiling import ProfileCallback
-
     return [ProfileCallback(run_dir if d.is_main else None)] if cfg.profile else []
 
 
@@ -171,8 +148,6 @@ def hand_sharded_model_to_trainer(model: torch.nn.Module, world_size: int, repli
     With HSDP (`replicate` > 1) the sizes must describe the mesh: Trainer then defers only the all-reduce across
     replicas during gradient accumulation (`set_requires_all_reduce(False)`), not the reduce-scatter within one.
     """
-    from transformers.distributed.configuration_utils import DistributedConfig
-
     base = base_model(model)
     base.config.distributed_config = DistributedConfig(fsdp_size=world_size // replicate, dp_replicate_size=replicate)
     base._is_distributed_loading_by_transformers = True

@@ -138,9 +138,18 @@ def _check_parallelism(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError("lora=none (full fine-tuning) cannot train 4-bit weights; add quant=none")
 
 
-def _check_batch(cfg: DictConfig, world_size: int) -> None:
-    from qfsdp.train import gradient_accumulation_steps
+def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-steps per optimizer step, so that the global batch is the same whatever the world size."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={global_batch} is not a multiple of per_device_train_batch_size * world_size "
+            f"= {micro_batch} * {world_size} = {per_step}; pick a global batch divisible by {per_step}"
+        )
+    return global_batch // per_step
 
+
+def _check_batch(cfg: DictConfig, world_size: int) -> None:
     t = cfg.trainer
     for key in ("global_batch_size", "per_device_train_batch_size", "max_steps"):
         if t[key] < 1:

@@ -19,6 +19,11 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 def execute(cfg: DictConfig, run_dir: Path) -> None:
     """Train on this rank. Every rank must have composed the same config."""
+    from qfsdp.distributed import env_rank
+    from qfsdp.progress import log_to_run_log_only
+
+    log_to_run_log_only(run_dir if env_rank() == 0 else None)  # before the libraries that warn are imported
+
     import torch
 
     from qfsdp.distributed import check_same_on_all_ranks, init_distributed
@@ -53,11 +58,8 @@ def apply_device_settings(cfg: DictConfig, device) -> list[str]:
 
     applied: list[str] = []
     if cfg.deterministic:
-        # Strict, not warn_only: with warn_only=True PyTorch only warns and keeps the non-deterministic kernels;
-        # sdpa's attention backward stayed cuDNN's, which accumulates with atomics. On 2 H200s two runs of the same
-        # config then differed from step 1's gradients on (grad norm 5.7e-6 relative, losses 1.0e-3 apart by step
-        # 20: docs/BENCHMARKS.md, fourth run). Strict, sdpa skips cuDNN and runs flash attention's deterministic
-        # backward; an op with no deterministic kernel stops the run with an error that names it.
+        # Strict: warn_only keeps non-deterministic kernels (cuDNN's attention backward) and only warns. Strict, sdpa
+        # runs flash attention's deterministic backward, and an op without a deterministic kernel stops the run.
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

@@ -1,11 +1,12 @@
-"""The benchmark command runs on CPU with the tiny model, so it cannot rot (GPU numbers: docs/BENCHMARKS.md)."""
+"""The benchmark command runs on CPU with the tiny model, so it cannot rot (GPU numbers: docs/BENCHMARKS.md); the
+training path does not depend on it."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from conftest import run_cmd
+from conftest import ROOT, run_cmd
 
 
 def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
@@ -36,7 +37,7 @@ def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
 def test_set_overrides_qfsdp_rows_not_the_baseline(tmp_path):
     """`run --set KEY=VALUE` tries a setting across the matrix (e.g. fsdp2.layers_per_unit=2); the stock recipe
     stays the fixed baseline, and a bad key fails before any row starts."""
-    from qfsdp.bench import PRESETS, row_config
+    from qfsdp.bench.matrix import PRESETS, row_config
     from qfsdp.config import compose_config
 
     extra = ("fsdp2.layers_per_unit=2",)
@@ -53,11 +54,23 @@ def test_gpu_host_scripts_name_real_rows():
     """The per-host scripts (bench/h200x*.sh) run on GPU hosts only: a misspelled row would cost a device call."""
     import re
 
-    from conftest import ROOT
-    from qfsdp.bench import ROWS
+    from qfsdp.bench.matrix import ROWS
 
     named = set()
     for script in sorted((ROOT / "bench").glob("h200x*.sh")):
         for lane in re.findall(r"(?:\d[\d,]*|all):([\w,-]+)", script.read_text()):
             named.update(n for n in lane.split(",") if n)
     assert named and named <= set(ROWS), sorted(named - set(ROWS))
+
+
+def test_training_imports_nothing_from_the_bench():
+    """Every module of the product, imported in a fresh interpreter, leaves qfsdp.bench unimported."""
+    modules = sorted(f"qfsdp.{p.stem}" for p in (ROOT / "qfsdp").glob("*.py") if p.stem != "__init__")
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('qfsdp.bench')))")
+    result = run_cmd([sys.executable, "-c", code, *modules])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "qfsdp.train" in modules and "qfsdp.shard" in modules
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

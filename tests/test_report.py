@@ -191,7 +191,7 @@ def test_mfu_against_the_datasheet_peak_of_the_runs_gpu(sweep, tmp_path):
     ("NVIDIA A10G", "bfloat16", None), ("cpu", "bfloat16", None), ("NVIDIA H100 80GB HBM3", "float32", None),
 ])
 def test_peak_table(device, dtype, tflops):
-    from qfsdp.flops import peak_tflops
+    from qfsdp.bench.flops import peak_tflops
 
     assert peak_tflops(device, dtype) == tflops
 

@@ -2,7 +2,7 @@
 # bench's llama8b preset without its step count (P), tps RUN_DIR NAME (tokens/s over steps 4+ and per step, peak,
 # losses), and run NAME WORLD_SIZE OVERRIDES... (launch.py with P into /tmp/d/NAME, log /tmp/d/NAME.log, then tps).
 . bench/gpu_env.sh
-P=$(python3 -c "from qfsdp.bench import PRESETS; print(' '.join(o for o in PRESETS['llama8b'] if 'max_steps' not in o))")
+P=$(python3 -c "from qfsdp.bench.matrix import PRESETS; print(' '.join(o for o in PRESETS['llama8b'] if 'max_steps' not in o))")
 tps() { python3 -c "
 import json; from qfsdp.metrics import steady_tokens_per_second as s
 r = [json.loads(l) for l in open('$1/metrics.jsonl')]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Is strict deterministic=true (commit c1fb518) deterministic on GPUs? On a 2 x H200 host, one device call (about
-# 6 minutes): qfsdp at 2 GPUs twice, then with offload and with compile=true: step-1 gradient norms and per-step losses
-# side by side (10 steps each). Ran in the fifth session: docs/bench-h200x2-run5/determinism.txt. (2-GPU scaling,
-# which this script also profiled at first, is h200x2_scaling.sh.)
+# Is strict deterministic=true deterministic on GPUs? On a 2 x H200 host, one device call (about 6 minutes): qfsdp
+# at 2 GPUs twice, then with offload and with compile=true: step-1 gradient norms and per-step losses side by side
+# (10 steps each). The figures of docs/BENCHMARKS.md's 2 x H200 parity table, first two rows
+# (docs/benchmarks/2026-11-21-h200x2/a3182b1-determinism.txt; micro batch 2 then, the preset's 4 now).
 #   OUT=DIR bash bench/diagnose/h200x2_det_scaling.sh     (from the repo root, .gpu-site and .gpu-wheels carried)
 set -x
 out=${OUT:-/tmp/out}; mkdir -p $out /tmp/d

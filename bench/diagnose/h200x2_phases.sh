@@ -5,7 +5,8 @@
 #                 per optimizer step (which 2 GPUs share among 4 micro-steps, 1 GPU among 8)
 #   offload-det   fsdp2=offload deterministic=true at 2 GPUs, 20 steps: its losses against the qfsdp-2-det row of the
 #                 same code (strict determinism gives the same bits on the same GPU model and software)
-# About 6 minutes with the checkpoint build. Per-run metrics.jsonl copied to OUT.
+# About 6 minutes with the checkpoint build. Per-run metrics.jsonl copied to OUT. The figure: docs/BENCHMARKS.md's
+# 2 x H200 parity table, offload over 20 steps on two machines (fdf2717; micro batch 2 then, the preset's 4 now).
 out=${OUT:-/tmp/out}; mkdir -p $out /tmp/d
 . bench/diagnose/common.sh
 python3 -m qfsdp.bench prepare --rows qfsdp-1,qfsdp-2 > /tmp/d/prepare.log 2>&1

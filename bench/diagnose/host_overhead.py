@@ -11,13 +11,11 @@ host's own work: FSDP2's hooks, gathers and reduce-scatters, the Python of every
 
 - Python function calls per micro-step (cProfile over 3 micro-steps): the same on every run of one software stack
   (it moves with the torch and Python versions and the device path: gloo here, NCCL and CUDA streams on a GPU),
-  and the measure of host work that the comparisons in docs/BENCHMARKS.md use. Calls at 2 processes less calls at one
+  and the measure of host work in docs/BENCHMARKS.md's CPU table. Calls at 2 processes less calls at one
   are the host work that 2 GPUs add to a micro-step; on an H200 host, where eager steps of the 8B shape wait on the
   host, that work is the likely part of their 40-51 ms a micro-step;
 - the median milliseconds per micro-step over `--steps` (after 5 warm-up ones): on CPU this includes gloo's
   collectives, which run synchronously, so it shows the direction, not a GPU host's magnitude.
-
-k=1 does not pass `layers_per_unit`, so the same command measures older trees (PYTHONPATH=<their checkout>).
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qfsdp.config import LoraConfig, ModelConfig, QuantConfig
+from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
 from qfsdp.distributed import data_parallel_mesh, init_distributed
 from qfsdp.model import attach_lora, load_model, make_trainable_fp32
 from qfsdp.shard import parallelize
@@ -89,14 +87,12 @@ def main() -> None:
         make_trainable_fp32(model)
         return model
 
-    common = dict(param_dtype=torch.bfloat16, activation_checkpointing=True, compile=False,
-                  reshard_after_forward=True, cpu_offload=False)
     results = []
     for k in [int(x) for x in a.units.split(",")]:
-        units = {} if k == 1 else {"layers_per_unit": k}
-        model = parallelize(build(), mesh, d.device, **units, **common)
+        model = parallelize(build(), mesh, d.device, FSDP2Config(layers_per_unit=k), param_dtype=torch.bfloat16)
         results.append((f"{k} layer(s) per unit", *measure(model, ids, a.steps)))
-    results.insert(0, ("unsharded (no FSDP2)", *measure(parallelize(build(), None, d.device, **common), ids, a.steps)))
+    unsharded = parallelize(build(), None, d.device, FSDP2Config(), param_dtype=torch.bfloat16)
+    results.insert(0, ("unsharded (no FSDP2)", *measure(unsharded, ids, a.steps)))
     if d.rank == 0:
         print(f"{a.layers} layers, {d.world_size} process(es) on {d.device.type}, torch {torch.__version__}: "
               f"per micro-step (forward + backward), Python calls and median ms over {a.steps}")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from qfsdp.config import LoraConfig, ModelConfig, QuantConfig
+from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
 from qfsdp.distributed import (
     check_trainable_same_on_all_ranks,
     data_parallel_mesh,
@@ -29,6 +29,7 @@ for name in ("tiny", "tiny_4layers"):
     prepare_checkpoint(ModelConfig(path=name), torch.float32)  # before the process group (see tiny.py)
 d = init_distributed()
 replicate = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+UNSHARDED = FSDP2Config(activation_checkpointing=False)  # the reference: no mesh, no checkpointing
 out = {}
 
 
@@ -58,12 +59,10 @@ def loss_and_grads(model):
 
 for storage in ("uint8", "bfloat16"):
     ref, sharded = build(storage), build(storage)
-    parallelize(ref, None, d.device, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
-                reshard_after_forward=True, cpu_offload=False)
+    parallelize(ref, None, d.device, UNSHARDED, param_dtype=torch.float32)
     total = quantized_bytes(ref)
     mesh = data_parallel_mesh(d.device.type, d.world_size, replicate)
-    parallelize(sharded, mesh, d.device, param_dtype=torch.float32, activation_checkpointing=True, compile=False,
-                reshard_after_forward=True, cpu_offload=False)
+    parallelize(sharded, mesh, d.device, FSDP2Config(), param_dtype=torch.float32)
     ref_logits, ref_grads = loss_and_grads(ref)
     logits, grads = loss_and_grads(sharded)
 
@@ -112,11 +111,9 @@ def compare_to_unsharded(**kwargs):
     and forward prefetches with the unsharded model's."""
     units = kwargs.pop("layers_per_unit", 1)
     ref, sharded = build("uint8", path="tiny_4layers", **kwargs), build("uint8", path="tiny_4layers", **kwargs)
-    parallelize(ref, None, d.device, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
-                reshard_after_forward=True, cpu_offload=False)
+    parallelize(ref, None, d.device, UNSHARDED, param_dtype=torch.float32)
     parallelize(sharded, data_parallel_mesh(d.device.type, d.world_size, replicate), d.device,
-                param_dtype=torch.float32, activation_checkpointing=True, compile=False, reshard_after_forward=True,
-                cpu_offload=False, layers_per_unit=units)
+                FSDP2Config(layers_per_unit=units), param_dtype=torch.float32)
     ref_logits, ref_grads = loss_and_grads(ref)
     logits, grads = loss_and_grads(sharded)
     layers = sharded.base_model.model.model.layers
@@ -158,8 +155,7 @@ def offload_kinds(model):
 
 
 ref = build("uint8")
-parallelize(ref, None, d.device, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
-            reshard_after_forward=True, cpu_offload=False)
+parallelize(ref, None, d.device, UNSHARDED, param_dtype=torch.float32)
 ref_logits, ref_grads = loss_and_grads(ref)
 placement = {}
 # Once, in the plain 2-process run (the HSDP run of this script asserts nothing about placement). A 1-process mesh
@@ -168,8 +164,7 @@ cases = (("offload", 1, True), ("one_per_shard_group", d.world_size, False)) if 
 for case, replicate_, offload in cases:
     model = build("uint8")
     parallelize(model, data_parallel_mesh(d.device.type, d.world_size, replicate_), d.device,
-                param_dtype=torch.float32, activation_checkpointing=True, compile=False, reshard_after_forward=True,
-                cpu_offload=offload)
+                FSDP2Config(offload=offload), param_dtype=torch.float32)
     logits, grads = loss_and_grads(model)
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
     frozen_4bit = {n + ".weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -195,8 +190,7 @@ def eval_then_grads(model):
 
 
 guarded = build("uint8")
-parallelize(guarded, None, d.device, param_dtype=torch.float32, activation_checkpointing=False, compile=False,
-            reshard_after_forward=True, cpu_offload=False)
+parallelize(guarded, None, d.device, UNSHARDED, param_dtype=torch.float32)
 before = loss_and_grads(guarded)[1]
 after = eval_then_grads(guarded)
 out["eval_then_train_equal"] = all(torch.equal(before[n], after[n]) for n in before)

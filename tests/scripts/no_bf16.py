@@ -10,6 +10,7 @@ import json
 import sys
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -50,8 +51,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 model = attach_lora(load_model(cfg.model, cfg.quant, dtype), cfg.lora, cfg.seed)
 make_trainable_fp32(model)
 mesh = init_device_mesh(d.device.type, (d.world_size,))
-parallelize(model, mesh, d.device, param_dtype=dtype, activation_checkpointing=cfg.fsdp2.activation_checkpointing,
-            compile=False, reshard_after_forward=True, cpu_offload=cfg.fsdp2.offload)
+parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype)
 ids = tokenizer(["<human>: hello there <bot>: hi"] * 2, return_tensors="pt").input_ids.to(d.device)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # Trainer's default
 mode = RecordBf16Compute()

@@ -12,7 +12,7 @@ import sys
 import torch
 from torch._dynamo.utils import counters
 
-from qfsdp.config import compose_config
+from qfsdp.config import FSDP2Config, compose_config
 from qfsdp.distributed import data_parallel_mesh, init_distributed, shutdown_and_exit
 from qfsdp.model import attach_lora, load_model, make_trainable_fp32, prepare_checkpoint
 from qfsdp.shard import parallelize
@@ -26,8 +26,7 @@ result = {}
 for name, compile_ in (("eager", False), ("compiled", True)):
     model = attach_lora(load_model(cfg.model, cfg.quant, torch.bfloat16), cfg.lora, cfg.seed)
     make_trainable_fp32(model)
-    parallelize(model, mesh, d.device, param_dtype=torch.bfloat16, activation_checkpointing=True, compile=compile_,
-                reshard_after_forward=True, cpu_offload=False)
+    parallelize(model, mesh, d.device, FSDP2Config(), param_dtype=torch.bfloat16, compile=compile_)
     model.train()
     for _ in range(2):  # the first compiled call compiles; count the second
         saved = []

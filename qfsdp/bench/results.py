@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-from qfsdp import flops
+from qfsdp.bench import flops
+from qfsdp.bench.matrix import ROWS
 from qfsdp.report import max_loss_gap
 
 GIB = 2**30
@@ -25,7 +27,7 @@ def _max_dloss(a, b) -> float:
 
 
 def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
-    """What must hold (issue: GPU proof). None = not measured in these rows."""
+    """What must hold on a GPU host. None = not measured in these rows."""
     r = _by_name(rows)
     out: list[tuple[str, bool | None, str]] = []
 
@@ -154,8 +156,6 @@ def table(rows: list[dict], meta: dict, results) -> str:
 
 
 def _uses_preset(row: dict) -> bool:
-    from qfsdp.bench import ROWS
-
     spec = ROWS.get(row["name"])
     return spec is None or spec.preset
 
@@ -181,3 +181,25 @@ def plots(out: Path, rows: list[dict]) -> None:
     bar_plot(out / "throughput.png", names, [r["tokens_per_second"] for r in ok], ylabel="tokens/s (all GPUs)")
     bar_plot(out / "memory.png", names, [max(_mem(r, "memory", "peak_allocated_gib")) for r in ok],
              ylabel="peak GiB per GPU (train)")
+
+
+def write_report(out: Path, rows: list[dict], meta: dict) -> None:
+    """OUT/results.json, results.md (table and checks) and the plots."""
+    results = checks(rows)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": results}, indent=1))
+    (out / "results.md").write_text(table(rows, meta, results))
+    plots(out, rows)
+
+
+def merge(sources: list[Path]) -> tuple[list[dict], dict]:
+    """Rows and meta of several runs' results.json: per row the first source wins, but a finished row beats one that
+    failed or was cut off elsewhere. Each row keeps the matmul ceiling of its own call (its MFU denominator)."""
+    by_name, meta = {}, {}
+    for source in sources:
+        data = json.loads((source / "results.json").read_text())
+        meta = meta or data["meta"]
+        for row in data["rows"]:
+            row.setdefault("ceiling", data["meta"].get("ceiling"))
+            if row["name"] not in by_name or (by_name[row["name"]]["status"] != "ok" and row["status"] == "ok"):
+                by_name[row["name"]] = row
+    return list(by_name.values()), meta

@@ -3,7 +3,7 @@
 gradient checkpointing. One process per GPU; under torchrun Trainer wraps it in DDP (every GPU holds the whole
 4-bit model). It writes metrics.jsonl and summary.json in qfsdp's format so the two compare row by row.
 
-    torchrun --nproc_per_node N -m qfsdp.stock RUN_DIR [qfsdp overrides for model, dataset, lora, trainer]
+    torchrun --nproc_per_node N -m qfsdp.bench.stock RUN_DIR [qfsdp overrides for model, dataset, lora, trainer]
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def main() -> None:
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.model import load_tokenizer, prepare_checkpoint
     from qfsdp.shard import quantized_bytes
-    from qfsdp.train import gradient_accumulation_steps, profile_callbacks
+    from qfsdp.train import profile_callbacks
+    from qfsdp.validate import gradient_accumulation_steps
 
     run_dir = Path(sys.argv[1])
     run_dir.mkdir(parents=True, exist_ok=True)
