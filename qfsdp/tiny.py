@@ -52,13 +52,6 @@ TINY_ARCHITECTURES = {
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
     ),
     # OPT-1.3B's layout at the tiny size: learned positional embeddings, head tied to the input embedding, LayerNorm
-    # before attention and MLP, biases everywhere. Dropout off (OPT ships 0.1), so runs at 1 and N processes compare.
-    "tiny_opt": dict(
-        model_type="opt", hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=2048, do_layer_norm_before=True, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=True,
-    ),
-    # OPT-1.3B's layout at the tiny size: learned positional embeddings, head tied to the input embedding, LayerNorm
     # before attention and MLP, biases everywhere, dropout 0.1 as OPT ships it (conf/model/tiny_opt.yaml turns it off
     # with model.dropout=0, so runs at 1 and N processes compare).
     "tiny_opt": dict(

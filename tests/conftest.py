@@ -3,6 +3,7 @@ real processes for distributed runs (torchrun, gloo)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -45,6 +46,16 @@ def torchrun(nproc: int, *args: str, timeout: int = 300, check: bool = True):
         raise AssertionError(f"torchrun {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def tree_digest(path: Path) -> str:
+    """Every file's name and bytes under `path`: equal digests, an untouched directory."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(path).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def metrics(run_dir: Path) -> list[dict]:

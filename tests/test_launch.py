@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, launch, metrics, run_cmd, summary, torchrun
+from conftest import ROOT, SCRIPTS, launch, metrics, run_cmd, summary, torchrun, tree_digest
 
 METRIC_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gib"}
 SUMMARY_KEYS = {"world_size", "steps", "final_loss", "tokens_per_second", "peak_memory_gib",
@@ -45,15 +44,6 @@ def assert_finished_run(run_dir: Path, world_size: int, steps: int) -> dict:
     return s
 
 
-def _tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(path).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """`python launch.py`, exactly as the README says, from a fresh directory."""
@@ -76,11 +66,11 @@ def test_default_demo(demo):
 
 def test_finished_run_is_never_overwritten(demo):
     _, run_dir = demo
-    before = _tree_digest(run_dir)
+    before = tree_digest(run_dir)
     result = launch(f"hydra.run.dir={run_dir}", "trainer.max_steps=2", check=False)
     assert result.returncode == 2
     assert "holds a finished run" in result.stderr and "hydra.run.dir" in result.stderr
-    assert _tree_digest(run_dir) == before
+    assert tree_digest(run_dir) == before
 
 
 def test_two_processes_offload_compile(tmp_path):

@@ -12,7 +12,6 @@ measured: bit-identical).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, adapter_weights, launch, metrics, summary
+from conftest import ROOT, SCRIPTS, adapter_weights, launch, metrics, summary, tree_digest
 from qfsdp import checkpoint
 from qfsdp.config import compose_config
 from qfsdp.validate import ConfigError, Machine, validate
@@ -35,15 +34,6 @@ STEPS = 12
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 REFERENCE = ["world_size=2", "precision=fp32", f"trainer.max_steps={STEPS}", "trainer.save_strategy=steps",
              "trainer.save_steps=6"]
-
-
-def _tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(path).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +81,9 @@ def crashed(tmp_path_factory, reference) -> dict:
     seen["mid_step"] = _launch_and_kill([*args, "resume=auto"], "1:step:8", root / "mid-step")
     seen["after_mid_step"] = sorted(p.name for p in checkpoint.checkpoints_dir(run_dir).iterdir())
     # the same command without resume: refused, and nothing in the directory changes (Hydra's .hydra/ included)
-    before = _tree_digest(run_dir)
+    before = tree_digest(run_dir)
     seen["without_resume"] = launch(*args, check=False)
-    seen["unchanged_without_resume"] = _tree_digest(run_dir) == before
+    seen["unchanged_without_resume"] = tree_digest(run_dir) == before
     (root / "mid-save").mkdir()
     seen["mid_save"] = _launch_and_kill([*args, "resume=auto"], "1:save:12", root / "mid-save")
     seen["after_mid_save"] = sorted(p.name for p in checkpoint.checkpoints_dir(run_dir).iterdir())
@@ -203,12 +193,12 @@ def test_unfinished_run_without_resume_is_refused(crashed):
 def test_resume_at_another_world_size_with_offload(reference, tmp_path):
     """A finished run's checkpoint, written by 2 processes without offload, continued by one with fsdp2=offload in
     a new directory: the data position is in optimizer steps of the global batch, and DCP reshards on load."""
-    before = _tree_digest(reference)
+    before = tree_digest(reference)
     run_dir = tmp_path / "one"
     result = launch("world_size=1", "fsdp2=offload", "precision=fp32", f"trainer.max_steps={STEPS}",
                     f"resume={reference / 'checkpoints' / 'step-6'}", f"hydra.run.dir={run_dir}", env=ONE_THREAD)
     assert "changed: fsdp2.offload: false -> true" in result.stdout and "world_size: 2 -> 1" in result.stdout
-    assert _tree_digest(reference) == before  # a finished run is never written
+    assert tree_digest(reference) == before  # a finished run is never written
     rows, ref = metrics(run_dir), metrics(reference)
     assert rows[:6] == ref[:6]  # the checkpoint's rows
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
