@@ -240,8 +240,10 @@ def test_resume_from_hsdp_to_fsdp(reference, tmp_path):
     whole chain is compared with one uninterrupted run (constant learning rate: a shorter max_steps changes
     nothing before it)."""
     hsdp, fsdp = tmp_path / "hsdp", tmp_path / "fsdp"
+    # the save settings are this run's own, not the checkpoint's
     launch("world_size=4", "fsdp2=hsdp", "precision=fp32", "trainer.max_steps=9", "trainer.save_strategy=steps",
-           "trainer.save_steps=3", f"resume={reference / 'checkpoints' / 'step-6'}", f"hydra.run.dir={hsdp}", timeout=600)
+           "trainer.save_steps=3", f"resume={reference / 'checkpoints' / 'step-6'}", f"hydra.run.dir={hsdp}",
+           timeout=600)
     step9 = hsdp / "checkpoints" / "step-9"
     assert checkpoint.manifest(step9)["world_size"] == 4
     _assert_losses_close(hsdp, reference, range(7, 10))
