@@ -204,6 +204,9 @@ OWNED_TRAINER_FIELDS: dict[str, str] = {
     "local_rank": "torchrun sets each rank: use world_size=N",
     "model_init_kwargs": "qfsdp loads the model itself: use model.<key>=...",
     "trust_remote_code": "use model.trust_remote_code=true instead",
+    # Trainer would apply Liger to the LoRA-wrapped model, after qfsdp's own choice of kernels
+    "use_liger_kernel": "use kernels=liger instead (applied before LoRA and sharding)",
+    "liger_kernel_config": "use kernels=liger instead (applied before LoRA and sharding)",
 }
 
 

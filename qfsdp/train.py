@@ -24,7 +24,8 @@ from qfsdp.config import OWNED_TRAINER_FIELDS
 from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
 from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
-from qfsdp.model import apply_kernels, attach_lora, base_model, load_config, load_model, load_tokenizer, make_trainable_fp32
+from qfsdp.model import (apply_kernels, attach_lora, base_model, load_config, load_model, load_tokenizer,
+                         make_trainable_fp32)
 from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
 from qfsdp.profiling import ProfileCallback
 from qfsdp.progress import attach
@@ -102,7 +103,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=cfg.compile,
-                deterministic=cfg.deterministic)
+                deterministic=cfg.deterministic, fused_norms=getattr(cfg.kernels, "value", cfg.kernels) == "liger")
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)
     qbytes = all_gather_object(quantized_bytes(model))

@@ -51,16 +51,20 @@ def test_set_overrides_qfsdp_rows_not_the_baseline(tmp_path):
 
 
 def test_gpu_host_scripts_name_real_rows():
-    """The per-host scripts (bench/h200x*.sh) run on GPU hosts only: a misspelled row would cost a device call."""
+    """The per-host scripts (bench/h200x*.sh) and the bench/gpu.sh commands in docs/BENCHMARKS.md run on GPU hosts
+    only: a misspelled row would cost a device call."""
     import re
 
     from qfsdp.bench.matrix import ROWS
 
+    texts = [script.read_text() for script in sorted((ROOT / "bench").glob("h200x*.sh"))]
+    texts += [line for line in (ROOT / "docs" / "BENCHMARKS.md").read_text().splitlines() if "bench/gpu.sh $OUT" in line]
     named = set()
-    for script in sorted((ROOT / "bench").glob("h200x*.sh")):
-        for lane in re.findall(r"(?:\d[\d,]*|all):([\w,-]+)", script.read_text()):
+    for text in texts:
+        for lane in re.findall(r"(?:\d[\d,]*|all):([\w,-]+)", text):
             named.update(n for n in lane.split(",") if n)
     assert named and named <= set(ROWS), sorted(named - set(ROWS))
+    assert {"stock-1-noac", "qfsdp-1-pack", "qfsdp-1-liger-compile-det"} <= named  # the docs' commands are scanned
 
 
 def test_training_imports_nothing_from_the_bench():
@@ -132,7 +136,8 @@ def _result(name, tps, peak=9.6, losses=(1.0, 0.9, 0.8), real=None, padding=0, r
     mem = [{"peak_allocated_gib": peak, "peak_reserved_gib": peak + 0.5}]
     return {"name": name, "status": "ok", "runner": runner or ROWS[name].runner, "world_size": 1,
             "overrides": list(ROWS[name].overrides), "tokens_per_second": tps, "losses": list(losses),
-            "micro_batch": 4, "gradient_accumulation": 4, "real_tokens": real or int(tps * 20), "padding_tokens": padding,
+            "micro_batch": 4, "gradient_accumulation": 4, "real_tokens": real or int(tps * 20),
+            "padding_tokens": padding,
             "summary": {"memory": mem, "load_memory": mem, "quantized_bytes_per_rank": [3.25 * 2**30],
                         "final_loss": losses[-1], "wall_time_s": 100.0}}
 

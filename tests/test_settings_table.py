@@ -95,6 +95,7 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("trainer.eval_strategy=steps", (), "dataset.eval_samples=N"),
     ("trainer.completion_only_loss=true", (), "needs prompt-completion data"),
     ("trainer.output_dir=out", (), "use hydra.run.dir=DIR"),
+    ("trainer.use_liger_kernel=true", (), "use kernels=liger instead"),
     # trainer: TRL's and transformers' own checks, from building the SFTConfig
     ("trainer.optim=adamw_fast", (), "trainer.optim=adamw_fast was refused"),
     ("trainer.lr_scheduler_type=wavy", (), "trainer.lr_scheduler_type=wavy was refused"),
