@@ -166,10 +166,10 @@ def check_kernels(cfg: DictConfig, gpus: int) -> None:
 
 
 def liger_import_error() -> str | None:
-    """Why Liger's transformers patches do not import (None when they do). Importing them imports Triton too, which a
-    broken install fails only then."""
+    """Why Liger's Llama patch does not import (None when it does). The import is the one model.apply_kernels makes:
+    it loads Triton and checks the transformers version, which a broken install fails only then."""
     try:
-        import liger_kernel.transformers  # noqa: F401
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: F401
     except Exception as e:  # ImportError, or Triton failing to initialize
         return " ".join(f"{type(e).__name__}: {e}".split())[:200]
     return None
