@@ -4,7 +4,8 @@ gloo on the tiny model.
 One uninterrupted 2-process fp32 run of 12 steps with checkpoints at steps 6 and 12 is the reference for:
 - the same run killed (`kill -9` of rank 1) in the middle of step 8, resumed with `resume=auto`, killed again in the
   middle of step 12's save, and resumed again: losses and final adapter bit-identical to the reference;
-- its step-6 checkpoint continued at world_size=1 with fsdp2=offload in a new run directory: losses within 1e-5;
+- its step-6 checkpoint continued at world_size=1 with fsdp2=offload in a new run directory, and that run's step-9
+  checkpoint continued at world_size=2 without offload: losses within 1e-5;
 - its step-6 checkpoint continued at world_size=4, and as HSDP (2 replica groups x 2 shards) at 4 processes whose
   step-9 checkpoint is continued as plain FSDP at 2: losses within 1e-5 (slow: 4 processes on CPU);
 - every bad input, refused before any weights load with one line.
@@ -196,10 +197,12 @@ def test_unfinished_run_without_resume_is_refused(crashed):
 
 def test_resume_at_another_world_size_with_offload(reference, tmp_path):
     """A finished run's checkpoint, written by 2 processes without offload, continued by one with fsdp2=offload in
-    a new directory: the data position is in optimizer steps of the global batch, and DCP reshards on load."""
+    a new directory (the data position is in optimizer steps of the global batch, and DCP reshards on load); that
+    run's own step-9 checkpoint continued by 2 processes without offload (1 -> 2)."""
     before = tree_digest(reference)
-    run_dir = tmp_path / "one"
+    run_dir, two = tmp_path / "one", tmp_path / "two"
     result = launch("world_size=1", "fsdp2=offload", "precision=fp32", f"trainer.max_steps={STEPS}",
+                    "trainer.save_strategy=steps", "trainer.save_steps=3",
                     f"resume={reference / 'checkpoints' / 'step-6'}", f"hydra.run.dir={run_dir}", env=ONE_THREAD)
     assert "changed: fsdp2.offload: false -> true" in result.stdout and "world_size: 2 -> 1" in result.stdout
     assert tree_digest(reference) == before  # a finished run is never written
@@ -210,6 +213,15 @@ def test_resume_at_another_world_size_with_offload(reference, tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
         assert len(a["peak_memory_gib"]) == 1
     _assert_same_adapter(adapter_weights(run_dir), adapter_weights(reference), rel=1e-5)
+
+    step9 = run_dir / "checkpoints" / "step-9"
+    assert checkpoint.manifest(step9)["world_size"] == 1
+    result = launch("world_size=2", "precision=fp32", f"trainer.max_steps={STEPS}", f"resume={step9}",
+                    f"hydra.run.dir={two}", timeout=600)
+    assert "world_size: 1 -> 2" in result.stdout and "fsdp2.offload: true -> false" in result.stdout
+    _assert_losses_close(two, reference, range(7, STEPS + 1))
+    assert len(metrics(two)[-1]["peak_memory_gib"]) == 2
+    _assert_same_adapter(adapter_weights(two), adapter_weights(reference), rel=1e-5)
 
 
 def _assert_losses_close(run_dir: Path, ref: Path, steps: range) -> None:
