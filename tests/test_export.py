@@ -19,6 +19,8 @@ from conftest import adapter_weights, run_cmd, save_prequantized_tiny
 from qfsdp.config import ModelConfig, QuantConfig
 from qfsdp.export import export, main
 
+pytestmark = pytest.mark.slow  # multi-process runs: `pytest -m "not slow"` leaves them out
+
 
 def _ids() -> torch.Tensor:
     return torch.randint(4, 500, (2, 24), generator=torch.Generator().manual_seed(0))

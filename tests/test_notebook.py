@@ -10,8 +10,11 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pytest
 from conftest import ROOT, summary
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # multi-process runs: `pytest -m "not slow"` leaves them out
 
 NOTEBOOK = ROOT / "notebooks" / "kaggle_2xT4.ipynb"
 STEPS = 4

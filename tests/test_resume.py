@@ -28,6 +28,8 @@ from qfsdp import checkpoint
 from qfsdp.config import compose_config
 from qfsdp.validate import ConfigError, Machine, validate
 
+pytestmark = pytest.mark.slow  # multi-process runs: `pytest -m "not slow"` leaves them out
+
 STEPS = 12
 # One OpenMP thread, as torchrun gives each of several processes: a 2-thread process on a busy 2-core machine spends
 # most of its time in OpenMP barriers (4x slower here).
