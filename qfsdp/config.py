@@ -108,6 +108,13 @@ class SyntheticLengths(Enum):
     lognormal = "lognormal"
 
 
+class Kernels(Enum):
+    none = "none"  # the model's own PyTorch modules
+    # Liger Kernel's Triton RMSNorm, SwiGLU and RoPE on Llama models (GPU only). Not its fused linear cross-entropy:
+    # TRL's SFTTrainer already runs the head and loss in chunks (its fused LM head) and refuses Liger's.
+    liger = "liger"
+
+
 @dataclass
 class DatasetConfig:
     name: str = "sample"
@@ -197,6 +204,9 @@ OWNED_TRAINER_FIELDS: dict[str, str] = {
     "local_rank": "torchrun sets each rank: use world_size=N",
     "model_init_kwargs": "qfsdp loads the model itself: use model.<key>=...",
     "trust_remote_code": "use model.trust_remote_code=true instead",
+    # Trainer would apply Liger to the LoRA-wrapped model, after qfsdp's own choice of kernels
+    "use_liger_kernel": "use kernels=liger instead (applied before LoRA and sharding)",
+    "liger_kernel_config": "use kernels=liger instead (applied before LoRA and sharding)",
 }
 
 
@@ -276,6 +286,9 @@ class Config:
     # torch.compile each decoder layer (its parts under activation checkpointing; shard.compile_layer): slower start,
     # faster steps.
     compile: bool = False
+    # Fused GPU kernels for the model's norms, MLP activation and rotary embedding (Kernels above); applied before
+    # LoRA is attached and the model is sharded.
+    kernels: Kernels = Kernels.none
     seed: int = 42
     # Processes (GPUs, or CPU processes when there is no GPU). null = every visible GPU, or 1 without GPUs.
     world_size: Optional[int] = None

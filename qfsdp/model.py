@@ -207,6 +207,19 @@ def params_4bit(weight: torch.Tensor, config, module: nn.Module | None = None):
     )
 
 
+def apply_kernels(model: nn.Module, kernels) -> None:
+    """Swap in fused kernels (config `kernels`) on the loaded model, before LoRA wraps its linear layers and FSDP2
+    shards it. Liger binds new forwards to the norm and MLP instances (which keep their weights and submodules, so
+    PEFT's LoRA layers and FSDP2's hooks see the same modules) and replaces Llama's RoPE function in its module."""
+    if getattr(kernels, "value", kernels) != "liger":
+        return
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    # TRL's SFTTrainer replaces the model's forward with its own chunked head and loss and refuses Liger's.
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+
+
 def peft_lora_config(cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 

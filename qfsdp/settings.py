@@ -23,6 +23,8 @@ QUANT_TYPES = ("nf4", "fp4")
 QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 LORA_BIAS = ("none", "all", "lora_only")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
+# Liger's patch for these model types is the one qfsdp applies (model.apply_kernels)
+LIGER_MODEL_TYPES = ("llama",)
 
 
 def _positive(v) -> bool:
@@ -141,6 +143,45 @@ def _check_report_to(report_to: Any) -> None:
         if name is not None and name not in allowed:
             raise ConfigError(f"trainer.report_to={name} is not a known integration; use one of "
                               f"{', '.join(allowed)}, e.g. trainer.report_to=tensorboard")
+
+
+# ---- fused kernels ----
+
+def check_kernels(cfg: DictConfig, gpus: int) -> None:
+    """kernels=liger: Triton kernels need a GPU and the liger-kernel package, and qfsdp applies Liger's Llama patch
+    only. Checked here so that a missing package is not found after minutes of loading weights."""
+    kernels = getattr(cfg.kernels, "value", cfg.kernels)
+    if kernels != "liger":
+        return
+    if gpus == 0:
+        raise ConfigError("kernels=liger runs Triton kernels on a GPU and none is visible; use kernels=none on CPU")
+    problem = liger_import_error()
+    if problem is not None:
+        raise ConfigError(f"kernels=liger needs the liger-kernel package, which does not import here ({problem}); "
+                          f"pip install liger-kernel==0.8.5, or use kernels=none")
+    model_type = _model_type(cfg)
+    if model_type is not None and model_type not in LIGER_MODEL_TYPES:
+        raise ConfigError(f"kernels=liger applies to Llama models only, but model.path={cfg.model.path} is a "
+                          f"{model_type} model; use kernels=none")
+
+
+def liger_import_error() -> str | None:
+    """Why Liger's Llama patch does not import (None when it does). The import is the one model.apply_kernels makes:
+    it loads Triton and checks the transformers version, which a broken install fails only then."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: F401
+    except Exception as e:  # ImportError, or Triton failing to initialize
+        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    return None
+
+
+def _model_type(cfg: DictConfig) -> str | None:
+    from qfsdp.model import load_config
+
+    try:
+        return load_config(cfg.model).model_type
+    except OSError:
+        return None  # no config reachable yet (hub id offline): loading reports it
 
 
 # ---- the trainer's own checks ----

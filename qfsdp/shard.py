@@ -47,8 +47,10 @@ class Placement:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device, fsdp2: FSDP2Config, *,
-                param_dtype: torch.dtype, compile: bool = False, deterministic: bool = False) -> nn.Module:
-    """Apply steps 1-3 above in place; `mesh=None` leaves the model whole on `device`."""
+                param_dtype: torch.dtype, compile: bool = False, deterministic: bool = False,
+                fused_norms: bool = False) -> nn.Module:
+    """Apply steps 1-3 above in place; `mesh=None` leaves the model whole on `device`. `fused_norms`: the norms run
+    fused kernels already (kernels=liger), so compile leaves them eager (compile_layer)."""
     layers = decoder_layers(model)
     if fsdp2.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -56,10 +58,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device,
     _record_training_device(model, device)
     if mesh is None:
         return _place_unsharded(model, layers, device, param_dtype, compile, fsdp2.activation_checkpointing,
-                                deterministic)
+                                deterministic, fused_norms)
 
     place = _placement(mesh, device, param_dtype, fsdp2.offload)
-    units = shard_decoder_layers(layers, place, fsdp2, compile, deterministic)
+    units = shard_decoder_layers(layers, place, fsdp2, compile, deterministic, fused_norms)
     if place.manage_frozen and fsdp2.forward_prefetch:
         prefetch_next_unit([unit[0] for unit in units])
         logger.info("forward prefetch: each unit's forward starts the next unit's all-gather")
@@ -93,20 +95,20 @@ def _record_training_device(model: nn.Module, device: torch.device) -> None:
 
 
 def _place_unsharded(model: nn.Module, layers: list[nn.Module], device: torch.device, param_dtype: torch.dtype,
-                     compile: bool, checkpointed: bool, deterministic: bool) -> nn.Module:
+                     compile: bool, checkpointed: bool, deterministic: bool, fused_norms: bool = False) -> nn.Module:
     # bitsandbytes' own Params4bit as they are: an NF4Weight would only add Python dispatch.
     cast_frozen(model, param_dtype)
     model.to(device)
     for m in _linears_4bit(model):
         keep_portable_cpu_kernels(m)
     for layer in layers if compile else []:
-        compile_layer(layer, checkpointed, deterministic)
+        compile_layer(layer, checkpointed, deterministic, fused_norms)
     logger.info("unsharded on %s%s", device, ", decoder layers compiled" if compile else "")
     return model
 
 
 def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2Config, compile: bool,
-                         deterministic: bool) -> list[list[nn.Module]]:
+                         deterministic: bool, fused_norms: bool = False) -> list[list[nn.Module]]:
     """One FSDP2 unit per `layers_per_unit` consecutive layers (the last may hold fewer); returns the units."""
     units = [layers[i:i + fsdp2.layers_per_unit] for i in range(0, len(layers), fsdp2.layers_per_unit)]
     for index, unit in enumerate(units):
@@ -115,7 +117,7 @@ def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2
             layer.to(place.device)
             _prepare_4bit(layer, place.manage_frozen)
             if compile:
-                compile_layer(layer, fsdp2.activation_checkpointing, deterministic)
+                compile_layer(layer, fsdp2.activation_checkpointing, deterministic, fused_norms)
         frozen = [p for layer in unit for p in _frozen(layer)]
         trained = [m for layer in unit for m in _trained_modules(layer)]
         # The last unit is gathered again at once for backward: keep it. So is a unit holding only LoRA weights
@@ -196,17 +198,20 @@ def prefetch_next_unit(units: list[nn.Module]) -> None:
         unit.set_modules_to_forward_prefetch([following])
 
 
-def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False) -> None:
+def compile_layer(layer: nn.Module, checkpointed: bool, deterministic: bool = False, fused_norms: bool = False) -> None:
     """torch.compile a decoder layer, or with activation checkpointing its parts (attention, MLP, norms) inside the
     eager checkpoint: a compiled whole layer traces the checkpoint and keeps bitsandbytes' matmul outputs alive.
-    `deterministic`: only parts holding linear layers are compiled, so norms keep eager's summation order."""
-    if not checkpointed and not deterministic:
+    `deterministic`: only parts holding linear layers are compiled, so norms keep eager's summation order.
+    `fused_norms`: the norms are one fused kernel each already; tracing Liger's kernels has failed under
+    torch.compile before (Liger-Kernel issue 174), so they stay eager too."""
+    eager_norms = deterministic or fused_norms
+    if not checkpointed and not eager_norms:
         layer.compile()
         return
     for child in layer.children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward of their own
-            compile_layer(child, checkpointed, deterministic)
-        elif deterministic and not any(isinstance(m, nn.Linear) for m in child.modules()):
+            compile_layer(child, checkpointed, deterministic, fused_norms)
+        elif eager_norms and not any(isinstance(m, nn.Linear) for m in child.modules()):
             continue  # a norm
         elif any(True for _ in child.parameters()):  # parameter-free parts (dropout, activations) gain nothing
             child.compile()

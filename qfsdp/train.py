@@ -1,7 +1,8 @@
 """One training run on every rank: load, attach LoRA, shard, train with TRL's SFTTrainer, save.
 
 Model setup, in order:
-1. load the base model into CPU memory (linear layers as bitsandbytes 4-bit layers, not yet quantized);
+1. load the base model into CPU memory (linear layers as bitsandbytes 4-bit layers, not yet quantized), with fused
+   kernels if asked (`kernels`);
 2. attach LoRA with the same seed on every rank, and check the init is identical;
 3. build the SFTTrainer (it tokenizes the data), then keep LoRA weights float32;
 4. parallelize (shard.py): activation checkpointing, then unit by unit onto the device, quantized and sharded;
@@ -23,7 +24,8 @@ from qfsdp.config import OWNED_TRAINER_FIELDS
 from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
 from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
-from qfsdp.model import attach_lora, base_model, load_config, load_model, load_tokenizer, make_trainable_fp32
+from qfsdp.model import (apply_kernels, attach_lora, base_model, load_config, load_model, load_tokenizer,
+                         make_trainable_fp32)
 from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
 from qfsdp.profiling import ProfileCallback
 from qfsdp.progress import attach
@@ -78,6 +80,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
     reset_peak_memory(d.device)
     model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune)
+    apply_kernels(model, cfg.kernels)
     if cfg.lora.enabled:
         model = attach_lora(model, cfg.lora, cfg.seed)
     else:
@@ -100,7 +103,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=cfg.compile,
-                deterministic=cfg.deterministic)
+                deterministic=cfg.deterministic, fused_norms=getattr(cfg.kernels, "value", cfg.kernels) == "liger")
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)
     qbytes = all_gather_object(quantized_bytes(model))

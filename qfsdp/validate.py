@@ -66,6 +66,7 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     driver runs in, if any)."""
     world_size = resolve_world_size(cfg, machine, torchrun_world_size, slurm)
     _check_settings(cfg)
+    _check_kernels(cfg, machine)
     _check_precision(cfg, machine)
     _check_parallelism(cfg, world_size)
     _check_batch(cfg, world_size)
@@ -88,6 +89,12 @@ def _check_settings(cfg: DictConfig) -> None:
     from qfsdp.settings import check_settings
 
     check_settings(cfg)
+
+
+def _check_kernels(cfg: DictConfig, machine: Machine) -> None:
+    from qfsdp.settings import check_kernels
+
+    check_kernels(cfg, machine.gpus)
 
 
 def _check_trainer_config(cfg: DictConfig, world_size: int) -> None:

@@ -55,16 +55,20 @@ def test_set_overrides_qfsdp_rows_not_the_baseline(tmp_path):
 
 
 def test_gpu_host_scripts_name_real_rows():
-    """The per-host scripts (bench/h200x*.sh) run on GPU hosts only: a misspelled row would cost a device call."""
+    """The per-host scripts (bench/h200x*.sh) and the bench/gpu.sh commands in docs/BENCHMARKS.md run on GPU hosts
+    only: a misspelled row would cost a device call."""
     import re
 
     from qfsdp.bench.matrix import ROWS
 
+    texts = [script.read_text() for script in sorted((ROOT / "bench").glob("h200x*.sh"))]
+    texts += [line for line in (ROOT / "docs" / "BENCHMARKS.md").read_text().splitlines() if "bench/gpu.sh $OUT" in line]
     named = set()
-    for script in sorted((ROOT / "bench").glob("h200x*.sh")):
-        for lane in re.findall(r"(?:\d[\d,]*|all):([\w,-]+)", script.read_text()):
+    for text in texts:
+        for lane in re.findall(r"(?:\d[\d,]*|all):([\w,-]+)", text):
             named.update(n for n in lane.split(",") if n)
     assert named and named <= set(ROWS), sorted(named - set(ROWS))
+    assert {"stock-1-noac", "qfsdp-1-pack", "qfsdp-1-liger-compile-det"} <= named  # the docs' commands are scanned
 
 
 def test_training_imports_nothing_from_the_bench():
@@ -78,3 +82,131 @@ def test_training_imports_nothing_from_the_bench():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "qfsdp.train" in modules and "qfsdp.shard" in modules
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+# ---- rows for issues 16 and 17 (they run on a GPU host: here their configs and checks) ----
+
+NEW_ROWS = ["qfsdp-1-lognormal", "qfsdp-1-pack", "stock-1-lognormal", "stock-1-noac", "qfsdp-1-noac-compile",
+            "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det"]
+
+
+def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
+    from qfsdp import settings
+    from qfsdp.bench.matrix import PRESETS, ROWS, batch_shape, row_config
+    from qfsdp.config import compose_config
+    from qfsdp.validate import Machine, validate
+
+    monkeypatch.setattr(settings, "liger_import_error", lambda: None)  # GPU hosts carry liger-kernel
+    preset = PRESETS["llama8b"]
+    cfgs = {}
+    for name in NEW_ROWS:
+        cfgs[name] = compose_config(row_config(name, preset))
+        assert validate(cfgs[name], Machine(gpus=1)) == ROWS[name].world_size == 1, name
+    noac = cfgs["stock-1-noac"]
+    assert not noac.fsdp2.activation_checkpointing and noac.trainer.global_batch_size == 16
+    assert batch_shape(row_config("stock-1-noac", preset), 1) == {"micro_batch": 4, "gradient_accumulation": 4}
+    # the packed row and its twins differ only in packing and the recipe: same lengths, same data
+    assert cfgs["qfsdp-1-lognormal"].dataset == cfgs["qfsdp-1-pack"].dataset == cfgs["stock-1-lognormal"].dataset
+    assert cfgs["qfsdp-1-pack"].trainer.packing and not cfgs["qfsdp-1-lognormal"].trainer.packing
+    assert cfgs["qfsdp-1-pack"].dataset.lengths.value == "lognormal"
+    assert [cfgs[n].kernels.value for n in NEW_ROWS if "liger" in n] == ["liger"] * 4
+    assert cfgs["qfsdp-1-liger-compile-det"].compile and cfgs["qfsdp-1-liger-compile-det"].deterministic
+
+
+def test_stock_recipe_trains_on_qfsdps_lognormal_rows():
+    """The stock recipe builds its rows itself: the same lengths and tokens as qfsdp's for the same seed, or real
+    tokens/s would compare different data."""
+    from qfsdp.bench.matrix import PRESETS, row_config
+    from qfsdp.bench.stock import training_data
+    from qfsdp.config import compose_config
+    from qfsdp.data import load_datasets
+    from qfsdp.model import load_config
+
+    stock_cfg = compose_config(row_config("stock-1-lognormal", PRESETS["llama8b"]))
+    qfsdp_cfg = compose_config(row_config("qfsdp-1-pack", PRESETS["llama8b"]))
+    vocab = load_config(qfsdp_cfg.model).vocab_size
+    ours = load_datasets(qfsdp_cfg.dataset, vocab, qfsdp_cfg.seed)[0]["input_ids"]
+    theirs = training_data(stock_cfg, vocab)["input_ids"]
+    lengths = [len(r) for r in ours]
+    assert [len(r) for r in theirs] == lengths and theirs == ours
+    assert len(lengths) == 2048 and 200 <= sorted(lengths)[1024] <= 320 and max(lengths) == 2048
+    # enough tokens that the packed row's 20 steps of 16 x 2048 tokens see no sequence twice
+    assert sum(lengths) >= 20 * 16 * 2048
+
+
+def _result(name, tps, peak=9.6, losses=(1.0, 0.9, 0.8), real=None, padding=0, runner=None):
+    from qfsdp.bench.matrix import ROWS
+
+    mem = [{"peak_allocated_gib": peak, "peak_reserved_gib": peak + 0.5}]
+    return {"name": name, "status": "ok", "runner": runner or ROWS[name].runner, "world_size": 1,
+            "overrides": list(ROWS[name].overrides), "tokens_per_second": tps, "losses": list(losses),
+            "micro_batch": 4, "gradient_accumulation": 4, "real_tokens": real or int(tps * 20),
+            "padding_tokens": padding,
+            "summary": {"memory": mem, "load_memory": mem, "quantized_bytes_per_rank": [3.25 * 2**30],
+                        "final_loss": losses[-1], "wall_time_s": 100.0}}
+
+
+def _checks(*rows):
+    from qfsdp.bench.results import checks
+
+    return {name: (ok, detail) for name, ok, detail in checks(list(rows))}
+
+
+def test_packing_check():
+    name = "packing: qfsdp-1-pack real tokens/s >= 1.5 x qfsdp-1-lognormal"
+    unpacked = _result("qfsdp-1-lognormal", 4000, real=80_000, padding=80_000)
+    ok, detail = _checks(unpacked, _result("qfsdp-1-pack", 6400, real=128_000, padding=1_000))[name]
+    assert ok is True and "1.60x" in detail and "50%" in detail
+    assert _checks(unpacked, _result("qfsdp-1-pack", 5600))[name][0] is False
+    ok, detail = _checks(unpacked)[name]
+    assert ok is None and "qfsdp-1-pack" in detail
+
+
+def test_target_1_same_memory():
+    from qfsdp.bench.results import TARGET_1
+
+    stock = _result("stock-1", 8000, peak=9.6)
+    heavy = _result("qfsdp-1-noac-compile", 16000, peak=41.3)  # faster, but over stock-1's memory + 10%
+    other_data = _result("qfsdp-1-lognormal", 30000, peak=5.0)  # other data: its tokens/s do not compare
+    ok, detail = _checks(stock, heavy, other_data, _result("qfsdp-1-compile", 12500, peak=10.4),
+                         _result("qfsdp-1", 8100, peak=10.0))[TARGET_1]
+    assert ok is True and detail.startswith("qfsdp-1-compile 12500") and "1.56x" in detail
+    assert "qfsdp-1-noac-compile 41.30" in detail and "lognormal" not in detail
+    ok, detail = _checks(stock, heavy, _result("qfsdp-1-compile", 11000, peak=10.4))[TARGET_1]
+    assert ok is False and "qfsdp-1-compile" in detail
+    # 10.6 GiB is over 1.1 x 9.6: the slower row within the bound is the one measured
+    ok, detail = _checks(stock, _result("qfsdp-1-compile", 12500, peak=10.6), _result("qfsdp-1", 8100, peak=10.0))[
+        TARGET_1]
+    assert ok is False and detail.startswith("qfsdp-1 8100") and "over the bound: qfsdp-1-compile 10.60" in detail
+    assert _checks(stock, heavy)[TARGET_1][0] is None  # no qfsdp row within the memory bound was run
+    assert _checks(heavy, _result("qfsdp-1-compile", 12500))[TARGET_1][0] is None  # no stock-1
+
+
+def test_target_2_memory_free():
+    from qfsdp.bench.results import TARGET_2
+
+    stocks = [_result("stock-1", 8000), _result("stock-1-noac", 12168, peak=52.0),
+              _result("stock-1-lognormal", 30000)]  # other data: not the baseline
+    ok, detail = _checks(*stocks, _result("qfsdp-1-compile", 10200), _result("qfsdp-1-noac-compile", 16000))[TARGET_2]
+    assert ok is True and detail.startswith("qfsdp-1-noac-compile 16000") and "stock-1-noac 12168" in detail
+    assert "1.31x" in detail
+    assert _checks(*stocks, _result("qfsdp-1-noac-compile", 15000))[TARGET_2][0] is False
+    ok, detail = _checks(stocks[0], _result("qfsdp-1-noac-compile", 16000))[TARGET_2]
+    assert ok is None and "stock-1-noac" in detail
+
+
+def test_liger_parity_checks_and_the_table():
+    from qfsdp.bench.results import checks, table
+
+    reference = _result("qfsdp-1-det", 7000, losses=(12.0, 11.5, 11.0))
+    close = _result("qfsdp-1-liger-det", 7500, losses=(12.0, 11.5008, 11.0002))
+    far = _result("qfsdp-1-liger-compile-det", 9000, losses=(12.0, 11.502, 11.0))
+    got = _checks(reference, close, far)
+    assert got["kernels=liger vs eager: qfsdp-1-liger-det vs qfsdp-1-det, per-step |dloss| <= 1e-3"][0] is True
+    assert got["kernels=liger vs eager: qfsdp-1-liger-compile-det vs qfsdp-1-det, per-step |dloss| <= 1e-3"][0] is False
+    rows = [reference, _result("qfsdp-1-pack", 6400, real=128_000, padding=32_000)]
+    text = table(rows, {"preset": "llama8b", "preset_overrides": [], "ceiling": {"tflops": 800.0},
+                        "flops_per_token": 3.324e10, "warmup_steps": 3}, checks(rows))
+    assert "| real tokens/s |" in text and "| padding |" in text
+    assert "| qfsdp-1-pack | ok | 1 | 4 x 4 | 6,400 | 6,400 | 20% | n/a |" in text  # MFU: not the preset's lengths
+    assert "| qfsdp-1-det | ok | 1 | 4 x 4 | 7,000 | 7,000 | 0% | 29.1% |" in text

@@ -34,6 +34,11 @@ def test_deterministic_compiles_only_the_parts_with_linear_layers():
         compiled = {name for name, m in layer.named_children() if m._compiled_call_impl is not None}
         assert compiled == {"self_attn", "mlp"}, compiled
         assert layer._compiled_call_impl is None
+    # kernels=liger: the norms are fused kernels already and stay eager, in whole layers too
+    for checkpointed in (True, False):
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+        compile_layer(layer, checkpointed, fused_norms=True)
+        assert {name for name, m in layer.named_children() if m._compiled_call_impl is not None} == {"self_attn", "mlp"}
     layer = LlamaDecoderLayer(config, layer_idx=0)
     compile_layer(layer, True)
     assert {name for name, m in layer.named_children() if m._compiled_call_impl is not None} == {

@@ -38,12 +38,17 @@ def test_defaults():
     assert cfg.lora.target_modules == "all-linear"
     assert cfg.fsdp2.enabled and cfg.fsdp2.reshard_after_forward and cfg.fsdp2.activation_checkpointing
     assert cfg.precision.dtype == "bfloat16" and cfg.compile is False and cfg.dataset.name == "sample"
+    assert cfg.kernels.value == "none"
 
 
 def test_switches_compose_as_written():
     cfg = _compose("compile=true", "fsdp2=offload", "world_size=2", "fsdp2.activation_checkpointing=false")
     assert cfg.compile is True and cfg.world_size == 2
     assert cfg.fsdp2.offload and not cfg.fsdp2.activation_checkpointing
+    assert _compose("kernels=liger").kernels.value == "liger"
+    with pytest.raises(ConfigCompositionException) as e:  # a typed choice: a kernel library qfsdp does not apply
+        _compose("kernels=unsloth")
+    assert "kernels" in str(e.value.__cause__ or e.value) and "liger" in str(e.value.__cause__ or e.value)
 
 
 def test_misspelled_key_fails_naming_it():

@@ -6,6 +6,7 @@ model; checkpoints; the adapter alone; every refusal as one line with exit code 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -79,7 +80,10 @@ def test_cli_llama_merged_in_shards(shared_runs, tmp_path):
     result = run_cmd([sys.executable, "-m", "qfsdp.export", str(run), str(out), "--max-shard-size", "200KB"])
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)
-    assert "merged 14 adapter tensor(s)" in result.stdout and "peak RSS" in result.stdout
+    assert "merged 14 adapter tensor(s)" in result.stdout
+    # the process' own memory is reported apart from the mapped checkpoint pages, and is part of the peak RSS
+    peak, own = re.search(r"peak RSS ([\d.]+) GiB \(([\d.]+) GiB its own", result.stdout).groups()
+    assert 0 < float(own) <= float(peak)
     shards = sorted(out.glob("model-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(shards) >= 2 and set(index["weight_map"].values()) == {s.name for s in shards}

@@ -87,3 +87,26 @@ def test_real_architectures_resolve_offline():
         cfg = compose_config([f"model={name}", "model.random_init=true"])
         assert load_config(ModelConfig(**cfg.model)).num_hidden_layers == layers
         assert validate(cfg, Machine(gpus=4)) == 4
+
+
+def test_kernels_liger_applies_ligers_llama_patch_without_its_loss(monkeypatch):
+    """kernels=liger calls Liger's public Llama patch on the model instance, with its fused loss off (TRL's fused head
+    replaces the forward it would patch); kernels=none does not import Liger. Liger needs a GPU, so a stand-in
+    records the call here; the bench rows qfsdp-1-liger* run the real one."""
+    import sys
+    import types
+
+    from qfsdp.config import Kernels
+    from qfsdp.model import apply_kernels
+
+    calls = []
+    stand_in = types.ModuleType("liger_kernel.transformers")
+    stand_in.apply_liger_kernel_to_llama = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", stand_in)
+    model = torch.nn.Linear(2, 2)
+    apply_kernels(model, Kernels.none)
+    assert calls == []
+    apply_kernels(model, compose_config(["kernels=liger"]).kernels)
+    assert calls == [dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+                          model=model)]

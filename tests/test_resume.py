@@ -5,9 +5,12 @@ One uninterrupted 2-process fp32 run of 12 steps with checkpoints at steps 6 and
 - the same run killed (`kill -9` of rank 1) in the middle of step 8, resumed with `resume=auto`, killed again in the
   middle of step 12's save, and resumed again: losses and final adapter bit-identical to the reference;
 - its step-6 checkpoint continued at world_size=1 with fsdp2=offload in a new run directory: losses within 1e-5;
+- its step-6 checkpoint continued at world_size=4, and as HSDP (2 replica groups x 2 shards) at 4 processes whose
+  step-9 checkpoint is continued as plain FSDP at 2: losses within 1e-5 (slow: 4 processes on CPU);
 - every bad input, refused before any weights load with one line.
 A 1-process pair in bf16 (the default precision; 6 steps, resumed at 3) checks resuming there (the bound: 1e-6;
-measured: bit-identical).
+measured: bit-identical). The tiny OPT fully fine-tuned (lora=none quant=none: every weight is trained and saved) on
+2 processes, fp32, 6 steps saving every 3, is killed in the middle of step 5 and resumed: bit-identical again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, SCRIPTS, adapter_weights, launch, metrics, summary, tree_digest
 from qfsdp import checkpoint
@@ -210,6 +214,48 @@ def test_resume_at_another_world_size_with_offload(reference, tmp_path):
     _assert_same_adapter(adapter_weights(run_dir), adapter_weights(reference), rel=1e-5)
 
 
+def _assert_losses_close(run_dir: Path, ref: Path, steps: range) -> None:
+    """The losses of `steps` within 1e-5 of the reference run's (the bound for any two world sizes)."""
+    rows = {r["step"]: r["loss"] for r in metrics(run_dir)}
+    ref_rows = {r["step"]: r["loss"] for r in metrics(ref)}
+    assert [s for s in rows if s in steps] == list(steps)
+    for step in steps:
+        assert abs(rows[step] - ref_rows[step]) <= 1e-5, (step, rows[step], ref_rows[step])
+
+
+@pytest.mark.slow
+def test_resume_from_two_to_four_processes(reference, tmp_path):
+    run_dir = tmp_path / "four"
+    result = launch("world_size=4", "precision=fp32", f"trainer.max_steps={STEPS}",
+                    f"resume={reference / 'checkpoints' / 'step-6'}", f"hydra.run.dir={run_dir}", timeout=600)
+    assert "world_size: 2 -> 4" in result.stdout
+    assert metrics(run_dir)[:6] == metrics(reference)[:6]
+    _assert_losses_close(run_dir, reference, range(7, STEPS + 1))
+    assert len(metrics(run_dir)[-1]["peak_memory_gib"]) == 4
+    _assert_same_adapter(adapter_weights(run_dir), adapter_weights(reference), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_from_hsdp_to_fsdp(reference, tmp_path):
+    """A checkpoint written by HSDP (4 processes, 2 replica groups x 2 shards: each shard is held twice) continued
+    by plain FSDP on 2. The HSDP run itself continues the reference's step-6 checkpoint up to step 9, so that the
+    whole chain is compared with one uninterrupted run (constant learning rate: a shorter max_steps changes
+    nothing before it)."""
+    hsdp, fsdp = tmp_path / "hsdp", tmp_path / "fsdp"
+    # the save settings are this run's own, not the checkpoint's
+    launch("world_size=4", "fsdp2=hsdp", "precision=fp32", "trainer.max_steps=9", "trainer.save_strategy=steps",
+           "trainer.save_steps=3", f"resume={reference / 'checkpoints' / 'step-6'}", f"hydra.run.dir={hsdp}",
+           timeout=600)
+    step9 = hsdp / "checkpoints" / "step-9"
+    assert checkpoint.manifest(step9)["world_size"] == 4
+    _assert_losses_close(hsdp, reference, range(7, 10))
+    result = launch("world_size=2", "precision=fp32", f"trainer.max_steps={STEPS}", f"resume={step9}",
+                    f"hydra.run.dir={fsdp}", timeout=600)
+    assert "fsdp2.replicate: 2 -> 1" in result.stdout and "world_size: 4 -> 2" in result.stdout
+    _assert_losses_close(fsdp, reference, range(7, STEPS + 1))
+    _assert_same_adapter(adapter_weights(fsdp), adapter_weights(reference), rel=1e-5)
+
+
 def test_bf16_resume_is_exact(tmp_path):
     args = ["world_size=1", "trainer.max_steps=6"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -221,6 +267,59 @@ def test_bf16_resume_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key].float() - b[key].float()).abs().max().item() <= 1e-6, key
+
+
+# ---- full fine-tuning (every weight trained and saved) on OPT ----
+
+OPT_FULL = ["model=tiny_opt", "lora=none", "quant=none", "world_size=2", "precision=fp32", "trainer.max_steps=6",
+            "trainer.save_strategy=steps", "trainer.save_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def opt_full(tmp_path_factory) -> dict:
+    """An uninterrupted run, and the same run killed (rank 1, `kill -9`) in the middle of step 5, then resumed."""
+    root = tmp_path_factory.mktemp("opt-full")
+    runs = {"reference": root / "reference", "run": root / "run"}
+    launch(*OPT_FULL, f"hydra.run.dir={runs['reference']}", timeout=600)
+    (root / "mid-step").mkdir()
+    runs["mid_step"] = _launch_and_kill([*OPT_FULL, "resume=auto", f"hydra.run.dir={runs['run']}"], "1:step:5",
+                                        root / "mid-step")
+    runs["final"] = launch(*OPT_FULL, "resume=auto", f"hydra.run.dir={runs['run']}", timeout=600)
+    return runs
+
+
+def _checkpoint_weights(step_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step_dir / checkpoint.DCP_DIR, tmp_path / f"{step_dir.name}.pt")
+    return torch.load(tmp_path / f"{step_dir.name}.pt")["model"]
+
+
+def test_full_finetune_checkpoint_holds_every_weight(opt_full, tmp_path):
+    """dcp/ holds the whole model, unquantized: at the last step it equals the model the run saved at its end."""
+    ref = opt_full["reference"]
+    final = load_file(ref / "model" / "model.safetensors")
+    step3, step6 = (_checkpoint_weights(ref / "checkpoints" / f"step-{n}", tmp_path) for n in (3, 6))
+    # every weight but the head, which is the input embedding (tied) and saved once
+    assert step6.keys() == final.keys() - {"lm_head.weight"} and len(step6) == 36
+    assert torch.equal(final["lm_head.weight"], final["model.decoder.embed_tokens.weight"])
+    for name, value in step6.items():
+        assert value.dtype == torch.float32 and torch.equal(value, final[name]), name
+    assert not any(torch.equal(step3[n], step6[n]) for n in step6)  # steps 4-6 moved every weight
+    for step_dir in checkpoint.step_dirs(ref):
+        assert not (step_dir / checkpoint.ADAPTER_DIR).exists()  # no LoRA: the weights are in dcp/ only
+
+
+def test_full_finetune_killed_and_resumed_exactly(opt_full):
+    code, out, err = opt_full["mid_step"]
+    assert code == 1 and "continue from checkpoints/step-3 with resume=auto" in err, err[-3000:]
+    assert "resuming from" in opt_full["final"].stdout and "step-3 (step 3 of 6)" in opt_full["final"].stdout
+    run, ref = opt_full["run"], opt_full["reference"]
+    assert _losses(run) == _losses(ref) and len(_losses(run)) == 6
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(ref / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 37
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 # ---- bad input: one line, before any weights load ----

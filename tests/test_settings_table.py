@@ -27,6 +27,7 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("seed=-1", (), "seed=-1 must be in [0, 2**32)"),
     ("gpu_memory_limit_gib=0", (), "gpu_memory_limit_gib=0"),
     ("resume=/no/such/checkpoint", (), "resume=/no/such/checkpoint does not exist"),
+    ("kernels=liger", (), "kernels=liger runs Triton kernels on a GPU and none is visible; use kernels=none"),
     # model
     ("model.path=./no/such/model", (), "model.path=./no/such/model does not exist"),
     ("model.path=", (), "model.path is empty"),
@@ -94,6 +95,7 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("trainer.eval_strategy=steps", (), "dataset.eval_samples=N"),
     ("trainer.completion_only_loss=true", (), "needs prompt-completion data"),
     ("trainer.output_dir=out", (), "use hydra.run.dir=DIR"),
+    ("trainer.use_liger_kernel=true", (), "use kernels=liger instead"),
     # trainer: TRL's and transformers' own checks, from building the SFTConfig
     ("trainer.optim=adamw_fast", (), "trainer.optim=adamw_fast was refused"),
     ("trainer.lr_scheduler_type=wavy", (), "trainer.lr_scheduler_type=wavy was refused"),
@@ -175,6 +177,44 @@ def render_doc() -> str:
 
 def test_doc_lists_every_case():
     assert DOC.read_text() == render_doc(), "docs/checks.md is stale: run python tests/test_settings_table.py"
+
+
+# ---- kernels=liger on a GPU host (described, not detected): the package and the model type ----
+
+GPU = Machine(gpus=1)
+
+
+def test_liger_without_the_package_names_the_install(monkeypatch, tmp_path):
+    from qfsdp import settings
+
+    monkeypatch.setattr(settings, "liger_import_error", lambda: "ModuleNotFoundError: No module named 'liger_kernel'")
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(["kernels=liger"]), GPU)
+    message = str(e.value)
+    assert "\n" not in message and "pip install liger-kernel" in message and "kernels=none" in message, message
+
+
+def test_liger_on_a_model_other_than_llama_is_refused(monkeypatch):
+    from qfsdp import settings
+
+    monkeypatch.setattr(settings, "liger_import_error", lambda: None)
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(["model=tiny_opt", "kernels=liger"]), GPU)
+    assert "Llama models only" in str(e.value) and "opt" in str(e.value), str(e.value)
+    # a Llama model with the package importable passes every check
+    assert validate(compose_config(["kernels=liger"]), GPU) == 1
+
+
+def test_liger_import_error_reports_the_missing_package():
+    """This development machine has no liger-kernel (GPU hosts carry it): the reason names the module."""
+    from qfsdp.settings import liger_import_error
+
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        assert "liger_kernel" in liger_import_error()
+    else:
+        pytest.skip("liger-kernel is installed here")
 
 
 # ---- as a user sees it: one line, exit code 2, no traceback, nothing left behind ----

@@ -47,6 +47,11 @@ class Row:
 # differs by ~1e-3 in loss after a few steps on H200), so comparisons that must hold below that (1 vs N GPUs,
 # offload, compile) are made between deterministic rows.
 DET = ("deterministic=true",)
+# Lengths like instruction data (log-normal, median 256 tokens, a tail cut at the preset's 2048), for what padding and
+# packing cost. 2048 sequences (mean ~400 tokens): packed into 2048-token rows, 20 steps of 16 take ~1,650 of them,
+# so the packed row does not see data twice.
+LOGNORMAL = ("dataset.lengths=lognormal", "dataset.median_length=256", "dataset.num_samples=2048")
+LIGER = ("kernels=liger",)
 KAGGLE = ("experiment=kaggle_2xt4", "model.random_init=true", *DET)
 ROWS = {
     "qfsdp-1": Row("qfsdp", 1),
@@ -60,14 +65,25 @@ ROWS = {
     "qfsdp-2-fp16": Row("qfsdp", 2, ("precision=fp16",)),
     "qfsdp-1-noac": Row("qfsdp", 1, ("fsdp2.activation_checkpointing=false",)),
     "qfsdp-2-noac": Row("qfsdp", 2, ("fsdp2.activation_checkpointing=false",)),
+    "qfsdp-1-noac-compile": Row("qfsdp", 1, ("fsdp2.activation_checkpointing=false", "compile=true")),
+    "qfsdp-1-liger": Row("qfsdp", 1, LIGER),
+    "qfsdp-1-liger-compile": Row("qfsdp", 1, (*LIGER, "compile=true")),
+    "qfsdp-1-lognormal": Row("qfsdp", 1, LOGNORMAL),
+    "qfsdp-1-pack": Row("qfsdp", 1, (*LOGNORMAL, "trainer.packing=true")),
     "qfsdp-1-det": Row("qfsdp", 1, DET),
     "qfsdp-2-det": Row("qfsdp", 2, DET),
     "qfsdp-4-det": Row("qfsdp", 4, DET),
     "qfsdp-2-offload-det": Row("qfsdp", 2, ("fsdp2=offload", *DET)),
     "qfsdp-2-compile-det": Row("qfsdp", 2, ("compile=true", *DET)),
+    "qfsdp-1-liger-det": Row("qfsdp", 1, (*LIGER, *DET)),
+    "qfsdp-1-liger-compile-det": Row("qfsdp", 1, (*LIGER, "compile=true", *DET)),
     "kaggle-1": Row("qfsdp", 1, KAGGLE, preset=False),
     "kaggle-2": Row("qfsdp", 2, KAGGLE, preset=False),
     "stock-1": Row("stock", 1),
+    # Without gradient checkpointing at micro batch 4 (accumulation 4): micro batch 8 took 97 GiB on an H200, more
+    # than an 80 GB H100 has. Set here, not left to the preset, so the row keeps fitting if the preset changes.
+    "stock-1-noac": Row("stock", 1, ("fsdp2.activation_checkpointing=false", "trainer.per_device_train_batch_size=4")),
+    "stock-1-lognormal": Row("stock", 1, LOGNORMAL),
     "stock-2-ddp": Row("stock", 2),
 }
 
@@ -103,14 +119,17 @@ def run_row(name: str, preset: list[str], rows_dir: Path, log, timeout: int, ext
         proc.wait()
         error = f"timed out after {timeout}s"
     row = {"name": name, "runner": runner, "world_size": world_size, "overrides": overrides,
-           "command": " ".join(cmd[1:]), "wall_s": time.perf_counter() - start}
+           "command": " ".join(cmd[1:]), "wall_s": time.perf_counter() - start, **batch_shape(args, world_size)}
     summary_path = run_dir / "summary.json"
     if error is None and summary_path.exists():
         row.update(status="ok", summary=json.loads(summary_path.read_text()))
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         row["losses"] = [r["loss"] for r in rows]
         row["step_tokens_per_second"] = [r["tokens_per_second"] for r in rows]
+        # metrics.jsonl counts real (non-padding) tokens, for qfsdp and the stock recipe alike (metrics.TokenCounter)
         row["tokens_per_second"] = steady_tokens_per_second(rows, WARMUP)
+        row["real_tokens"] = rows[-1]["tokens"] if rows else 0
+        row["padding_tokens"] = rows[-1].get("padding_tokens", 0) if rows else 0
     else:
         row.update(status="failed", error=first_error(run_dir) or error)
     return row
@@ -120,6 +139,14 @@ def row_config(name: str, preset: list[str], extra: tuple[str, ...] = ()):
     """The row's overrides: the preset's (unless the row is a whole recipe), the row's own, then `extra`."""
     spec = ROWS[name]
     return [*(preset if spec.preset else []), *spec.overrides, *_extra_for(spec, extra)]
+
+
+def batch_shape(args: list[str], world_size: int) -> dict:
+    """Micro batch and gradient accumulation of a row (rows may set their own micro batch; the global batch is the
+    preset's)."""
+    t = compose_config(args).trainer
+    return {"micro_batch": t.per_device_train_batch_size,
+            "gradient_accumulation": t.global_batch_size // (t.per_device_train_batch_size * world_size)}
 
 
 def _extra_for(spec: Row, extra: tuple[str, ...]) -> tuple[str, ...]:

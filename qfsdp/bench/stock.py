@@ -1,7 +1,8 @@
 """The stock recipe, as the baseline qfsdp is measured against: transformers `from_pretrained` with
 `BitsAndBytesConfig` (NF4, double quant, bf16 compute), PEFT LoRA on every projection, TRL `SFTTrainer` with
-gradient checkpointing. One process per GPU; under torchrun Trainer wraps it in DDP (every GPU holds the whole
-4-bit model). It writes metrics.jsonl and summary.json in qfsdp's format so the two compare row by row.
+gradient checkpointing (off with `fsdp2.activation_checkpointing=false`, as for qfsdp). One process per GPU; under
+torchrun Trainer wraps it in DDP (every GPU holds the whole 4-bit model). It writes metrics.jsonl and summary.json in
+qfsdp's format (tokens/s of real, non-padding tokens) so the two compare row by row.
 
     torchrun --nproc_per_node N -m qfsdp.bench.stock RUN_DIR [qfsdp overrides for model, dataset, lora, trainer]
 """
@@ -22,7 +23,6 @@ def main() -> None:
 
     from qfsdp import artifacts
     from qfsdp.config import compose_config
-    from qfsdp.data import load_train_dataset
     from qfsdp.distributed import all_gather_object, init_distributed, shutdown_and_exit
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.model import load_tokenizer, prepare_checkpoint
@@ -57,14 +57,14 @@ def main() -> None:
         max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         logging_steps=1, save_strategy="no", report_to=["none"], seed=cfg.seed, data_seed=cfg.seed,
         max_length=t.max_length, bf16=d.device.type == "cuda", use_cpu=d.device.type == "cpu",
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=cfg.fsdp2.activation_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding", dataset_text_field="text", disable_tqdm=True,
     )
     peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                              target_modules="all-linear", task_type="CAUSAL_LM")
     callback = MetricsCallback(run_dir if d.is_main else None, d, time_origin=start)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=load_train_dataset(cfg.dataset, model.config.vocab_size,
-                                                                                  cfg.seed),
+    trainer = SFTTrainer(model=model, args=args, train_dataset=training_data(cfg, model.config.vocab_size),
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[callback, *profile_callbacks(cfg, run_dir, d)])
     reset_peak_memory(d.device)
@@ -75,6 +75,13 @@ def main() -> None:
     if d.is_main:
         artifacts.write_summary(run_dir, summary)
     shutdown_and_exit(0)
+
+
+def training_data(cfg, vocab_size: int):
+    """The rows qfsdp trains on for the same config and seed (synthetic lengths included), so tokens/s compare."""
+    from qfsdp.data import load_train_dataset
+
+    return load_train_dataset(cfg.dataset, vocab_size, cfg.seed)
 
 
 if __name__ == "__main__":
