@@ -20,7 +20,7 @@ from conftest import adapter_weights, run_cmd, save_prequantized_tiny
 from qfsdp.config import ModelConfig, QuantConfig
 from qfsdp.export import export, main
 
-pytestmark = pytest.mark.slow  # multi-process runs: `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow  # it exports training runs, some of 2 processes (conftest.SHARED_RUNS)
 
 
 def _ids() -> torch.Tensor:
