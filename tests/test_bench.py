@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from conftest import ROOT, run_cmd
 
 
+@pytest.mark.slow
 def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
     out = tmp_path / "bench"
     result = run_cmd([sys.executable, "-m", "qfsdp.bench", "run", str(out), "--preset", "tiny",
@@ -34,6 +37,7 @@ def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
     assert result.returncode == 0 and "| stock-1 | ok | 1 |" in (merged / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_set_overrides_qfsdp_rows_not_the_baseline(tmp_path):
     """`run --set KEY=VALUE` tries a setting across the matrix (e.g. fsdp2.layers_per_unit=2); the stock recipe
     stays the fixed baseline, and a bad key fails before any row starts."""

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import SCRIPTS, torchrun
 
 
+@pytest.mark.slow
 def test_compiled_layers_save_no_more_than_eager_ones(tmp_path):
     out = tmp_path / "saved.json"
     torchrun(1, str(SCRIPTS / "saved_activations.py"), str(out), timeout=600)

@@ -173,6 +173,7 @@ def test_packed_row_losses_equal_each_example_alone():
     assert crossing > 1e-2
 
 
+@pytest.mark.slow
 def test_packed_chat_one_vs_two_processes(tmp_path):
     """The conversational sample, assistant turns only, packed (padding-free rows, no attention mask): FSDP2 at 1 and
     2 processes train the same within 1e-5, and no batch carries padding. Eight conversations held out are evaluated

@@ -20,6 +20,8 @@ from conftest import adapter_weights, run_cmd, save_prequantized_tiny
 from qfsdp.config import ModelConfig, QuantConfig
 from qfsdp.export import export, main
 
+pytestmark = pytest.mark.slow  # it exports training runs, some of 2 processes (conftest.SHARED_RUNS)
+
 
 def _ids() -> torch.Tensor:
     return torch.randint(4, 500, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import SCRIPTS, launch, metrics, save_prequantized_tiny, summary, torchrun
 from qfsdp.config import compose_config
 
@@ -21,6 +23,7 @@ def test_experiment_is_the_kaggle_recipe():
     assert compose_config(["experiment=kaggle_2xt4", "model=tiny", "world_size=1"]).model.path == "tiny"
 
 
+@pytest.mark.slow
 def test_one_gpu_and_two_gpus_train_the_same(tmp_path):
     runs = {ws: tmp_path / f"ws{ws}" for ws in (1, 2)}
     for ws, run in runs.items():
@@ -33,6 +36,7 @@ def test_one_gpu_and_two_gpus_train_the_same(tmp_path):
     assert summary(runs[2])["quantized_bytes_per_rank"][0] * 2 == summary(runs[1])["quantized_bytes_per_rank"][0]
 
 
+@pytest.mark.slow
 def test_nothing_computes_in_bfloat16(tmp_path):
     def bf16_ops(*overrides):
         out = tmp_path / f"ops{len(list(tmp_path.iterdir()))}.json"

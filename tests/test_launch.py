@@ -62,6 +62,10 @@ def test_default_demo(demo):
     assert len(metrics(run_dir)[0]["micro_steps_ms"]) == 4  # global batch 8 = micro batch 2 x 4 micro-steps
     assert f"results in {run_dir}" in result.stdout
     assert "it/s" in result.stderr  # the progress bar
+    # Library warnings (transformers' deprecations, accelerate's thread notice) go to the run's log, not the console.
+    console = result.stdout + result.stderr
+    assert not re.search(r"\w+Warning\b", console), console[-3000:]
+    assert re.search(r"\[py\.warnings\]\[WARNING\] - .*\w+Warning: ", (run_dir / "launch.log").read_text())
 
 
 def test_finished_run_is_never_overwritten(demo):
@@ -73,6 +77,7 @@ def test_finished_run_is_never_overwritten(demo):
     assert tree_digest(run_dir) == before
 
 
+@pytest.mark.slow
 def test_two_processes_offload_compile(tmp_path):
     run_dir = tmp_path / "run"
     result = launch("world_size=2", "fsdp2=offload", "compile=true", "profile=true", "trainer.max_steps=5",
@@ -84,6 +89,7 @@ def test_two_processes_offload_compile(tmp_path):
     assert profile.startswith("optimizer steps 4-5: wall") and "aten::mm" in profile
 
 
+@pytest.mark.slow
 def test_torchrun_shares_one_run_dir(tmp_path):
     result = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                       str(ROOT / "launch.py"), "fsdp2=offload", "compile=true", "trainer.max_steps=3"], cwd=tmp_path)
@@ -94,6 +100,7 @@ def test_torchrun_shares_one_run_dir(tmp_path):
     assert result.stdout.count("results in") == 1  # rank 0 alone reports
 
 
+@pytest.mark.slow
 def test_rank_with_different_config_is_an_error(tmp_path):
     result = torchrun(2, "launch.py", "seed=${oc.env:RANK}", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}",
                       check=False)
@@ -102,6 +109,7 @@ def test_rank_with_different_config_is_an_error(tmp_path):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     result = launch("-m", "world_size=1,2", "fsdp2=default,offload", "trainer.max_steps=3",
@@ -118,6 +126,7 @@ def test_sweep(tmp_path):
     assert result.stdout.count("results in") == 4
 
 
+@pytest.mark.slow
 def test_sweep_records_a_failed_job_and_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     result = launch("-m", "fsdp2=off", "world_size=2,1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}")
@@ -133,6 +142,7 @@ def test_default_dirs(tmp_path):
     assert "dir: multirun_outputs/${qfsdp_now:%Y-%m-%d}/${qfsdp_now:%H-%M-%S}" in result.stdout
 
 
+@pytest.mark.slow
 def test_trained_adapter_gives_trained_logits(tmp_path):
     """The adapter saved from a 2-process run, reloaded into a plain PeftModel on the unsharded 4-bit base,
     reproduces the trained sharded model's logits."""

@@ -13,6 +13,7 @@ from qfsdp.model import load_config
 from qfsdp.validate import Machine, validate
 
 
+@pytest.mark.slow
 def test_second_architecture_qwen2_one_vs_two(tmp_path):
     runs = {}
     for ws in (1, 2):
@@ -25,6 +26,7 @@ def test_second_architecture_qwen2_one_vs_two(tmp_path):
     assert abs(two[0] - summary(runs[1])["quantized_bytes_per_rank"][0] / 2) <= 0.01 * two[0] * 2
 
 
+@pytest.mark.slow
 def test_prequantized_checkpoint_loads_and_trains(tmp_path):
     """A checkpoint saved already in bitsandbytes 4-bit (like unsloth/...-bnb-4bit) loads without re-quantizing."""
     ckpt = save_prequantized_tiny(tmp_path / "tiny-bnb-4bit")
@@ -37,12 +39,14 @@ def test_prequantized_checkpoint_loads_and_trains(tmp_path):
     assert [r["loss"] for r in metrics(pre)] == [r["loss"] for r in metrics(fresh)]
 
 
+@pytest.mark.slow
 def test_lora_on_unquantized_base(tmp_path):
     launch("quant=none", "world_size=2", "trainer.max_steps=3", f"hydra.run.dir={tmp_path}")
     s = summary(tmp_path)
     assert s["quantized_bytes_per_rank"] == [0, 0] and s["output"] == "adapter"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_full_finetune_saves_whole_model(tmp_path, world_size):
     from transformers import AutoModelForCausalLM
@@ -59,6 +63,7 @@ def test_full_finetune_saves_whole_model(tmp_path, world_size):
     assert len(moved) == len(initial)  # every parameter was trained (and gathered whole from every rank)
 
 
+@pytest.mark.slow
 def test_synthetic_dataset(tmp_path):
     launch("dataset=synthetic", "dataset.seq_length=64", "world_size=2", "trainer.max_steps=3",
            f"hydra.run.dir={tmp_path}")

@@ -69,6 +69,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
     return out
 
 
+@pytest.mark.slow
 def test_two_nodes_train_like_one_node_in_one_run_dir(tmp_path, one_node):
     port = free_port()
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
@@ -92,6 +93,7 @@ def test_two_nodes_train_like_one_node_in_one_run_dir(tmp_path, one_node):
     assert_same_losses(one_node, two_nodes)
 
 
+@pytest.mark.slow
 def test_slurm_job_on_two_nodes_trains_like_one_node(tmp_path, one_node):
     """`python launch.py -m hydra/launcher=slurm hydra.launcher.nodes=2`: submitit submits the batch script, srun
     starts the Hydra job (qfsdp's driver) on both "nodes", and each starts its node's torchrun agent from the

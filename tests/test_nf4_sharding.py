@@ -8,6 +8,8 @@ import pytest
 
 from conftest import SCRIPTS, torchrun
 
+pytestmark = pytest.mark.slow  # multi-process runs: `pytest -m "not slow"` leaves them out
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,6 +15,7 @@ from qfsdp.model import decoder_layers, load_config
 from qfsdp.validate import Machine, validate
 
 
+@pytest.mark.slow
 def test_full_finetune_one_vs_two_processes(shared_runs):
     one, two = shared_runs["opt_full_ws1"], shared_runs["opt_full_ws2"]
     l1, l2 = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
@@ -31,6 +33,7 @@ def test_full_finetune_one_vs_two_processes(shared_runs):
         assert (w1[key] - w2[key]).abs().max().item() <= 1e-5 * scale + 1e-6, key
 
 
+@pytest.mark.slow
 def test_4bit_lora_on_two_processes(shared_runs):
     run = shared_runs["opt_qlora_ws2"]
     s = summary(run)

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import adapter_weights, launch, metrics, summary
 
+pytestmark = pytest.mark.slow  # multi-process runs: `pytest -m "not slow"` leaves them out
+
 STEPS = 6
 CASES = {
     # name: overrides

@@ -50,6 +50,7 @@ def failing_rank(tmp_path_factory):
     return sweep_dir, result
 
 
+@pytest.mark.slow
 def test_sweep_writes_its_report(sweep):
     sweep_dir, result = sweep
     for name in REPORT_FILES:
@@ -64,6 +65,7 @@ def test_sweep_writes_its_report(sweep):
     assert "| 2 | world_size=2 trainer.global_batch_size=8 | 2 | ok | 3 |" in md
 
 
+@pytest.mark.slow
 def test_report_rows_are_the_runs_own_numbers(sweep):
     sweep_dir, _ = sweep
     rows = read_csv(sweep_dir / "summary.csv")
@@ -87,6 +89,7 @@ def test_report_rows_are_the_runs_own_numbers(sweep):
         assert row["device"] == "cpu" and row["mfu"] == "" and row["error"] == "" and row["eval_loss"] == ""
 
 
+@pytest.mark.slow
 def test_dloss_is_against_the_first_job_with_the_same_global_batch(sweep):
     sweep_dir, _ = sweep
     rows = {r["job"]: r for r in read_csv(sweep_dir / "summary.csv")}
@@ -103,6 +106,7 @@ def test_dloss_is_against_the_first_job_with_the_same_global_batch(sweep):
     assert f"| {float(rows['2']['max_abs_dloss']):.2e} (vs 0) |" in md
 
 
+@pytest.mark.slow
 def test_failed_job_row_has_its_error_line(sweep):
     sweep_dir, _ = sweep
     row = read_csv(sweep_dir / "summary.csv")[3]
@@ -114,6 +118,7 @@ def test_failed_job_row_has_its_error_line(sweep):
     assert (sweep_dir / "3" / "launch.log").read_text().splitlines()[-1].endswith(f"job failed: {row['error']}")
 
 
+@pytest.mark.slow
 def test_failing_rank_reaches_the_console_and_the_summary(failing_rank):
     sweep_dir, result = failing_rank
     assert result.returncode == 0  # the sweep records the job and goes on
@@ -127,6 +132,7 @@ def test_failing_rank_reaches_the_console_and_the_summary(failing_rank):
     assert row["status"] == "failed" and row["error"] == line and row["world_size"] == "2"
 
 
+@pytest.mark.slow
 def test_report_command_redoes_a_sweep_report(sweep, tmp_path):
     sweep_dir, _ = sweep
     copy = tmp_path / "sweep"
@@ -142,6 +148,7 @@ def test_report_command_redoes_a_sweep_report(sweep, tmp_path):
     assert f"report in {copy}/" in result.stdout and "| job | overrides |" in result.stdout
 
 
+@pytest.mark.slow
 def test_report_command_on_run_directories(sweep, failing_rank, tmp_path):
     sweep_dir, failing_dir = sweep[0], failing_rank[0]
     out = tmp_path / "out"
@@ -163,6 +170,7 @@ def test_report_command_on_run_directories(sweep, failing_rank, tmp_path):
     assert not (sweep_dir / "1" / "summary.csv").exists()
 
 
+@pytest.mark.slow
 def test_mfu_against_the_datasheet_peak_of_the_runs_gpu(sweep, tmp_path):
     """The sweep ran on CPU (no MFU); the same run recorded as an H100 gets tokens/s per GPU x FLOPs per token
     over 989 TFLOP/s."""

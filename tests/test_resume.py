@@ -33,6 +33,8 @@ from qfsdp import checkpoint
 from qfsdp.config import compose_config
 from qfsdp.validate import ConfigError, Machine, validate
 
+pytestmark = pytest.mark.slow  # most start 2 or more processes: `pytest -m "not slow"` leaves them out
+
 STEPS = 12
 # One OpenMP thread, as torchrun gives each of several processes: a 2-thread process on a busy 2-core machine spends
 # most of its time in OpenMP barriers (4x slower here).
@@ -233,7 +235,6 @@ def _assert_losses_close(run_dir: Path, ref: Path, steps: range) -> None:
         assert abs(rows[step] - ref_rows[step]) <= 1e-5, (step, rows[step], ref_rows[step])
 
 
-@pytest.mark.slow
 def test_resume_from_two_to_four_processes(reference, tmp_path):
     run_dir = tmp_path / "four"
     result = launch("world_size=4", "precision=fp32", f"trainer.max_steps={STEPS}",
@@ -245,7 +246,6 @@ def test_resume_from_two_to_four_processes(reference, tmp_path):
     _assert_same_adapter(adapter_weights(run_dir), adapter_weights(reference), rel=1e-5)
 
 
-@pytest.mark.slow
 def test_resume_from_hsdp_to_fsdp(reference, tmp_path):
     """A checkpoint written by HSDP (4 processes, 2 replica groups x 2 shards: each shard is held twice) continued
     by plain FSDP on 2. The HSDP run itself continues the reference's step-6 checkpoint up to step 9, so that the

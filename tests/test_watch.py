@@ -39,6 +39,7 @@ def _bars(stderr: str) -> tuple[int, str]:
     return sum(bool(re.match(r"\s*0%\|", line)) for line in draws), draws[-1]
 
 
+@pytest.mark.slow
 def test_one_progress_bar_with_loss_tokens_and_memory(watched):
     result, run_dir, _ = watched
     count, bar = _bars(result.stderr)
@@ -52,6 +53,7 @@ def test_one_progress_bar_with_loss_tokens_and_memory(watched):
     assert "'loss':" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_one_log_file_with_every_step(watched):
     _, run_dir, _ = watched
     assert [p.name for p in run_dir.glob("*.log")] == ["launch.log"]
@@ -62,6 +64,7 @@ def test_one_log_file_with_every_step(watched):
         assert re.search(rf"step {row['step']}/3: loss={row['loss']:.4f}, tokens/s=[\d,]+, peak=[\d.]+GiB$", line)
 
 
+@pytest.mark.slow
 def test_tensorboard_events_in_the_run_directory(watched):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e '.[test]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -75,6 +78,7 @@ def test_tensorboard_events_in_the_run_directory(watched):
     assert not (run_dir / "trainer" / "runs").exists() and not (cwd / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_WANDB, reason=NO_WANDB)
 def test_wandb_offline_run_in_the_run_directory(watched):
     _, run_dir, cwd = watched
