@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -57,8 +58,10 @@ def demo(tmp_path_factory):
 def test_default_demo(demo):
     result, run_dir = demo
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", f"{run_dir.parent.name}/{run_dir.name}")
-    s = assert_finished_run(run_dir, world_size=1, steps=30)
-    assert s["losses"][-1] < s["losses"][0]  # it learns
+    s = assert_finished_run(run_dir, world_size=1, steps=60)
+    # it visibly learns (the bar: 80% of the first loss), below uniform guessing over the vocabulary too
+    assert s["losses"][-1] <= 0.8 * s["losses"][0], s["losses"]
+    assert s["losses"][-1] < math.log(512) - 0.5, s["losses"]
     assert len(metrics(run_dir)[0]["micro_steps_ms"]) == 4  # global batch 8 = micro batch 2 x 4 micro-steps
     assert f"results in {run_dir}" in result.stdout
     assert "it/s" in result.stderr  # the progress bar
