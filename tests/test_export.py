@@ -127,7 +127,7 @@ def test_other_bases(shared_runs, tmp_path, base):
     if base == "saved_in_4bit":
         cfg.model.path = str(save_prequantized_tiny(tmp_path / "tiny-bnb-4bit"))
     else:
-        cfg.model.random_init = True
+        cfg.model.random_init = cfg.model.random_checkpoint = True
         prepare_checkpoint(ModelConfig(**cfg.model), torch.float32)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     export(run, tmp_path / "merged")
