@@ -178,6 +178,7 @@ def random_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: 
         model = AutoModelForCausalLM.from_config(
             config, dtype=checkpoint_dtype(compute_dtype, full_finetune),
             attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code)
+    model.tie_weights()  # init_empty_weights gives each module a meta parameter of its own: tie them again
     stand_in = _replace_meta_weights(model)
     if quant_cfg.enabled:
         defer_4bit(model, bnb_config(quant_cfg, compute_dtype))

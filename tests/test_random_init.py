@@ -90,3 +90,20 @@ def test_trains_from_drawn_weights(tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert _written_weights(cache) == []
     assert [p.name for p in run.rglob("*.safetensors")] == ["adapter_model.safetensors"]
+
+
+def test_tied_head_stays_tied():
+    """OPT's head shares the input embedding's weight: drawn once, still one parameter after loading."""
+    import torch
+
+    from qfsdp.config import FSDP2Config, ModelConfig, QuantConfig
+    from qfsdp.model import load_model, random_weights
+    from qfsdp.shard import parallelize
+
+    model = load_model(ModelConfig(path="tiny_opt", random_init=True), QuantConfig(), torch.float32, seed=3)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    parallelize(model, None, torch.device("cpu"), FSDP2Config(activation_checkpointing=False),
+                param_dtype=torch.float32)
+    head, embedding = model.lm_head.weight, model.model.decoder.embed_tokens.weight
+    assert head is embedding and 0.018 < float(head.std()) < 0.022
+    assert not random_weights(model).pending
