@@ -46,7 +46,7 @@ SAVE_STRATEGIES = ("no", "steps")
 _SAME_BASE = "checkpoints hold only the trained weights; the frozen base is reloaded from model.path"
 _SAME_DATA = "the checkpoint's data position refers to this data order"
 MUST_MATCH = [
-    (("model.path", "model.random_init", "model.architecture", "quant.enabled", "quant.quant_type",
+    (("model.path", "model.random_init", "model.random_checkpoint", "model.architecture", "quant.enabled", "quant.quant_type",
       "quant.double_quant"), _SAME_BASE),
     (("lora.enabled", "lora.r", "lora.lora_alpha", "lora.target_modules", "lora.bias"),
      "the checkpoint's trained weights have this shape"),

@@ -26,6 +26,10 @@ class ModelConfig:
     path: str = "tiny"
     # Build the architecture from its config with random weights: no weight download (benchmarks, offline hosts).
     random_init: bool = False
+    # With random_init: write the random weights to a checkpoint in qfsdp's cache first and load it like a real one
+    # (the bench does, so its stock-recipe rows load the same weights). false: each layer is drawn on its device from
+    # `seed`, quantized and sharded before the next; nothing is written (any model size).
+    random_checkpoint: bool = False
     # Architecture config bundled with qfsdp (qfsdp/architectures/<name>.json): with random_init it replaces the
     # path's own config, so random-weight runs need no hub access.
     architecture: Optional[str] = None

@@ -120,6 +120,9 @@ def base_checkpoint(run: Run) -> Path:
         return run.trained
     model_cfg = ModelConfig(**OmegaConf.to_container(run.cfg.model, resolve=True))
     if model_cfg.random_init:
+        if not model_cfg.random_checkpoint:
+            raise ExportError("the run's random-weight base was drawn on its devices and never saved (no checkpoint: "
+                              "model.random_init=true); train with model.random_checkpoint=true to export one")
         # Rebuilding it elsewhere could give other random weights (it is built on a GPU where there is one).
         path = random_checkpoint_path(model_cfg, compute_dtype(run))
         if not (path / "config.json").is_file():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qfsdp.config import LoraConfig, ModelConfig, QuantConfig
-from qfsdp.tiny import TINY_ARCHITECTURES, tiny_model_path, tiny_tokenizer_path
+from qfsdp.tiny import TINY_ARCHITECTURES, tiny_config, tiny_model_path, tiny_tokenizer_path
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
@@ -31,6 +31,8 @@ def load_config(cfg: ModelConfig):
         # Bundled, so random-weight benchmarks need no hub access (and no network retries on offline hosts).
         spec = json.loads((ARCHITECTURES_DIR / f"{cfg.architecture}.json").read_text())
         return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    if cfg.random_init and cfg.path in TINY_ARCHITECTURES:
+        return tiny_config(cfg.path)  # without building the tiny model's weights
     return AutoConfig.from_pretrained(resolve_path(cfg), trust_remote_code=cfg.trust_remote_code)
 
 
@@ -82,13 +84,25 @@ def checkpoint_dtype(compute_dtype: torch.dtype, full_finetune: bool) -> torch.d
     return torch.float32 if full_finetune else compute_dtype
 
 
-def prepare_checkpoint(model_cfg: ModelConfig, compute_dtype: torch.dtype, full_finetune: bool = False) -> str:
-    """Directory or hub id to load from, building the tiny model or a random checkpoint first if needed.
+def prepare_checkpoint(model_cfg: ModelConfig, compute_dtype: torch.dtype,
+                       full_finetune: bool = False) -> str | None:
+    """Directory or hub id to load from, building the tiny model or a random checkpoint first if needed; None for
+    random weights drawn on the device (`random_model`: nothing to build).
 
     Call before the process group exists: locally built checkpoints are written by every process that needs one.
     """
     if model_cfg.random_init:
+        if not model_cfg.random_checkpoint:
+            load_config(model_cfg)  # builds the tiny tokenizer a tiny model's config is sized to, if needed
+            return None
         return str(random_checkpoint(model_cfg, checkpoint_dtype(compute_dtype, full_finetune)))
+    return resolve_path(model_cfg)
+
+
+def stock_checkpoint(model_cfg: ModelConfig) -> str:
+    """What the stock recipe (transformers' own 4-bit loading) reads: a checkpoint in bf16, random ones included."""
+    if model_cfg.random_init:
+        return str(random_checkpoint(model_cfg, torch.bfloat16))
     return resolve_path(model_cfg)
 
 
@@ -105,7 +119,7 @@ def bnb_config(quant_cfg: QuantConfig, compute_dtype: torch.dtype):
 
 
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
-               full_finetune: bool = False):
+               full_finetune: bool = False, seed: int = 0):
     """Load the base model into CPU memory; `shard.parallelize` then moves it to the device one layer at a time.
 
     With `quant_cfg.enabled`, the linear layers become bitsandbytes `Linear4bit`s that still hold their
@@ -118,9 +132,13 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: to
     processes of a host); `shard.parallelize` casts each layer to the compute dtype just before it moves. Loading in
     the compute dtype would give every process a private converted copy (2 x 16 GB for 8B bf16 -> fp16 on 2 GPUs).
     Trained weights (full fine-tuning) load as float32 master weights.
+
+    `model.random_init` without `model.random_checkpoint`: no checkpoint, see `random_model` (`seed` draws it).
     """
     from transformers import AutoModelForCausalLM
 
+    if model_cfg.random_init and not model_cfg.random_checkpoint:
+        return random_model(model_cfg, quant_cfg, compute_dtype, full_finetune, seed)
     path = prepare_checkpoint(model_cfg, compute_dtype, full_finetune)
     config = load_config(ModelConfig(path=path, trust_remote_code=model_cfg.trust_remote_code))
     prequantized = getattr(config, "quantization_config", None) is not None
@@ -138,6 +156,116 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: to
         compute_4bit_in(model, compute_dtype)
     model.config.use_cache = False
     return model
+
+
+def random_model(model_cfg: ModelConfig, quant_cfg: QuantConfig, compute_dtype: torch.dtype, full_finetune: bool,
+                 seed: int):
+    """The model's architecture with random weights that exist nowhere yet: `shard.parallelize` draws each module's
+    weights on the device just before it is quantized and sharded (`RandomWeights`), so no full-precision copy of
+    the model is ever written or held, at any size.
+
+    The model is built by transformers on the meta device (accelerate's `init_empty_weights`; buffers such as rotary
+    frequencies are computed as usual), then every weight becomes a stand-in of its shape that holds one element,
+    on the CPU: PEFT places LoRA weights on their base layer's device, and must see the CPU as for a checkpoint.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_cfg)
+    for key, value in dropout_overrides(config, model_cfg.dropout).items():
+        setattr(config, key, value)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=checkpoint_dtype(compute_dtype, full_finetune),
+            attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code)
+    model.tie_weights()  # init_empty_weights gives each module a meta parameter of its own: tie them again
+    stand_in = _replace_meta_weights(model)
+    if quant_cfg.enabled:
+        defer_4bit(model, bnb_config(quant_cfg, compute_dtype))
+    model.config.use_cache = False
+    pending = {m: name for name, m in model.named_modules()
+               if any(_is_stand_in(p, stand_in) for p in m.parameters(recurse=False))}
+    model._qfsdp_random_weights = RandomWeights(seed, model._init_weights, pending, stand_in)
+    return model
+
+
+def _replace_meta_weights(model: nn.Module) -> dict[torch.dtype, torch.Tensor]:
+    """Every meta parameter becomes a stand-in: one element per dtype, expanded to the parameter's shape (tied
+    parameters stay one parameter). Returns the elements, which identify stand-ins."""
+    elements: dict[torch.dtype, torch.Tensor] = {}
+    replaced: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in replaced:
+                element = elements.setdefault(p.dtype, torch.zeros((), dtype=p.dtype))
+                replaced[id(p)] = nn.Parameter(element.expand(p.shape), requires_grad=p.requires_grad)
+            m._parameters[name] = replaced[id(p)]
+    return elements
+
+
+def _is_stand_in(p: torch.Tensor, elements: dict[torch.dtype, torch.Tensor]) -> bool:
+    element = elements.get(p.dtype)
+    return element is not None and p.data.untyped_storage().data_ptr() == element.untyped_storage().data_ptr()
+
+
+class RandomWeights:
+    """Draws the weights of a `random_model`, module by module, on the device that will hold them.
+
+    Each module's weights come from its own seed, a hash of (`seed`, the module's name: the decoder layer's index is
+    part of it), drawn by the model's own `_init_weights` (the distributions `from_config` uses). So the same seed gives
+    the same weights at any world size and in any order of drawing, on the same kind of device (CPU and CUDA random
+    generators differ). 4-bit layers get bitsandbytes' `Params4bit` with the settings `defer_4bit` gave them: moved
+    to the device, they quantize exactly as a checkpoint's weights do.
+    """
+
+    def __init__(self, seed: int, init, pending: dict[nn.Module, str], stand_in: dict[torch.dtype, torch.Tensor]):
+        self.seed, self.init, self.pending, self.stand_in = seed, init, pending, stand_in
+        self.drawn: dict[int, nn.Parameter] = {}  # stand-in id -> its drawn parameter (tied weights: drawn once)
+
+    def __call__(self, module: nn.Module, device: torch.device) -> None:
+        """Draw every weight under `module` still missing, on `device`."""
+        for m in list(module.modules()):
+            if m in self.pending:
+                self._draw(m, self.pending.pop(m), device)
+
+    def check_done(self) -> None:
+        if self.pending:
+            raise RuntimeError(f"random weights never drawn for {sorted(self.pending.values())[:5]}: "
+                               "shard.parallelize must draw every module before it computes")
+
+    def _draw(self, m: nn.Module, name: str, device: torch.device) -> None:
+        import hashlib
+
+        import bitsandbytes as bnb
+
+        fresh = False
+        for key, p in list(m._parameters.items()):
+            if p is None or not _is_stand_in(p, self.stand_in):
+                continue
+            if id(p) not in self.drawn:
+                data = torch.empty(p.shape, dtype=p.dtype, device=device)
+                self.drawn[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+                fresh = True
+            new = self.drawn[id(p)]
+            if isinstance(p, bnb.nn.Params4bit):  # the settings defer_4bit gave it; quantizes on its move
+                new = bnb.nn.Params4bit(new.data, requires_grad=False, blocksize=p.blocksize,
+                                        compress_statistics=p.compress_statistics, quant_type=p.quant_type,
+                                        quant_storage=p.quant_storage, module=m)
+                self.drawn[id(p)] = new
+            m._parameters[key] = new
+        if not fresh:
+            return  # a tied weight, drawn with its other module
+        digest = hashlib.sha256(f"{self.seed}/{name}".encode()).digest()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            self.init(m)
+
+
+def random_weights(model: nn.Module) -> RandomWeights | None:
+    """The `RandomWeights` still to draw for a `random_model` (PEFT-wrapped or not), else None."""
+    return getattr(base_model(model), "_qfsdp_random_weights", None)
 
 
 def dropout_overrides(config, dropout: float | None) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """Place and parallelize the model, in the order it must happen (as torchtitan does; docs/design.md explains why):
 
 1. activation checkpointing per decoder layer;
-2. one unit of `layers_per_unit` decoder layers at a time: cast its frozen weights, move them to the device
-   (bitsandbytes quantizes as they arrive), wrap the 4-bit weights as `NF4Weight`, compile, `fully_shard` the unit;
+2. one unit of `layers_per_unit` decoder layers at a time: draw its random weights on the device if the model has
+   no checkpoint (`model.random_model`), cast its frozen weights, move them to the device (bitsandbytes quantizes
+   as they arrive), wrap the 4-bit weights as `NF4Weight`, compile, `fully_shard` the unit;
    so no device ever holds more than its shards plus one unit in full precision;
 3. the input embedding and the frozen head as units of their own, stray 4-bit layers, then the root.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import bitsandbytes as bnb
 import torch
@@ -22,7 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from qfsdp.config import FSDP2Config
-from qfsdp.model import base_model, decoder_layers
+from qfsdp.model import base_model, decoder_layers, random_weights
 from qfsdp.nf4 import NF4Weight, attach_quant_states, keep_portable_cpu_kernels, packed_bytes, to_nf4_weight
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class Placement:
     frozen_offload: OffloadPolicy  # CPUOffloadPolicy with fsdp2.offload, else none
     sharding: bool  # more than one process per shard group
     manage_frozen: bool  # FSDP2 holds frozen weights (sharded or offloaded); else they stay plain, outside it
+    draw: Callable[[nn.Module], None]  # draws a module's random weights on the device (no-op with a checkpoint)
 
     @property
     def fsdp_kwargs(self) -> dict:
@@ -56,11 +59,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device,
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         logger.info("activation checkpointing on %d decoder layers", len(layers))
     _record_training_device(model, device)
+    draw = _drawing(model, device)
     if mesh is None:
-        return _place_unsharded(model, layers, device, param_dtype, compile, fsdp2.activation_checkpointing,
-                                deterministic, fused_norms)
+        _place_unsharded(model, layers, device, param_dtype, compile, fsdp2.activation_checkpointing,
+                         deterministic, draw, fused_norms)
+        _check_all_drawn(model)
+        return model
 
-    place = _placement(mesh, device, param_dtype, fsdp2.offload)
+    place = _placement(mesh, device, param_dtype, fsdp2.offload, draw)
     units = shard_decoder_layers(layers, place, fsdp2, compile, deterministic, fused_norms)
     if place.manage_frozen and fsdp2.forward_prefetch:
         prefetch_next_unit([unit[0] for unit in units])
@@ -75,10 +81,23 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device,
         attach_quant_states(model, stray)
     if place.manage_frozen:
         _check_4bit_shards(model)
+    _check_all_drawn(model)
     return model
 
 
-def _placement(mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype, offload: bool) -> Placement:
+def _drawing(model: nn.Module, device: torch.device) -> Callable[[nn.Module], None]:
+    weights = random_weights(model)
+    return (lambda module: weights(module, device)) if weights is not None else (lambda module: None)
+
+
+def _check_all_drawn(model: nn.Module) -> None:
+    # A weight left a stand-in would compute with zeros, silently.
+    if (weights := random_weights(model)) is not None:
+        weights.check_done()
+
+
+def _placement(mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype, offload: bool,
+               draw: Callable[[nn.Module], None]) -> Placement:
     # param_dtype None keeps float32 as it is: FSDP2 does no cast at all (the bit-exact reference path).
     mp_policy = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
                                      reduce_dtype=torch.float32)
@@ -86,7 +105,8 @@ def _placement(mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype,
     frozen_offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     sharding = mesh.size(mesh.ndim - 1) > 1
     # With one process per shard group a shard is the whole weight: FSDP2 would only copy frozen weights.
-    return Placement(device, param_dtype, mesh, mp_policy, frozen_offload, sharding, manage_frozen=offload or sharding)
+    return Placement(device, param_dtype, mesh, mp_policy, frozen_offload, sharding, manage_frozen=offload or sharding,
+                     draw=draw)
 
 
 def _record_training_device(model: nn.Module, device: torch.device) -> None:
@@ -95,8 +115,14 @@ def _record_training_device(model: nn.Module, device: torch.device) -> None:
 
 
 def _place_unsharded(model: nn.Module, layers: list[nn.Module], device: torch.device, param_dtype: torch.dtype,
-                     compile: bool, checkpointed: bool, deterministic: bool, fused_norms: bool = False) -> nn.Module:
+                     compile: bool, checkpointed: bool, deterministic: bool,
+                     draw: Callable[[nn.Module], None], fused_norms: bool = False) -> nn.Module:
     # bitsandbytes' own Params4bit as they are: an NF4Weight would only add Python dispatch.
+    for layer in layers:  # random weights: one layer in full precision at a time
+        draw(layer)
+        cast_frozen(layer, param_dtype)
+        layer.to(device)
+    draw(model)
     cast_frozen(model, param_dtype)
     model.to(device)
     for m in _linears_4bit(model):
@@ -113,6 +139,7 @@ def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2
     units = [layers[i:i + fsdp2.layers_per_unit] for i in range(0, len(layers), fsdp2.layers_per_unit)]
     for index, unit in enumerate(units):
         for layer in unit:
+            place.draw(layer)
             cast_frozen(layer, place.param_dtype)
             layer.to(place.device)
             _prepare_4bit(layer, place.manage_frozen)
@@ -144,6 +171,7 @@ def shard_embedding(embedding: nn.Module | None, place: Placement) -> None:
     """The input embedding as its own unit: gathered only during its forward."""
     if embedding is None:
         return
+    place.draw(embedding)
     cast_frozen(embedding, place.param_dtype)
     embedding.to(place.device)
     if place.manage_frozen or not _frozen(embedding):
@@ -154,7 +182,10 @@ def shard_embedding(embedding: nn.Module | None, place: Placement) -> None:
 def shard_frozen_head(head: nn.Module | None, place: Placement) -> set[nn.Parameter]:
     """A frozen head as its own unit, sharded on the device (TRL's fused loss gathers it itself); returns the
     weights to leave out of the root (the head, when there is nothing to shard). A trained head stays in the root."""
-    if head is None or head.weight.requires_grad:
+    if head is None:
+        return set()
+    place.draw(head)
+    if head.weight.requires_grad:
         return set()
     cast_frozen(head, place.param_dtype)
     head.to(place.device)
@@ -172,6 +203,7 @@ def prepare_stray_4bit(model: nn.Module, in_layers: set[nn.Module], place: Place
     """4-bit layers outside the decoder layers, if the architecture has any: they go to the root unit."""
     stray = [m for m in _linears_4bit(model) if m not in in_layers]
     for m in stray:
+        place.draw(m)
         cast_frozen(m, place.param_dtype)
         _prepare_4bit(m.to(place.device), place.manage_frozen)
     return stray
@@ -179,6 +211,7 @@ def prepare_stray_4bit(model: nn.Module, in_layers: set[nn.Module], place: Place
 
 def shard_root(model: nn.Module, in_layers: set[nn.Module], place: Placement, ignored: set[nn.Parameter]) -> None:
     """The root unit holds what is left (final norm, rotary buffers); fully_shard moves it to the device."""
+    place.draw(model)
     cast_frozen(model, place.param_dtype)
     ignored = set(ignored)
     if not place.manage_frozen:  # the root's frozen weights stay plain too, moved by hand

@@ -147,19 +147,26 @@ def _build_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def _build_model(name: str, out: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def tiny_config(name: str):
+    """The `PretrainedConfig` of the tiny model `name`, sized to the tiny tokenizer (no weights built)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path())
     spec = dict(TINY_ARCHITECTURES[name])
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         spec.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec,
     )
+
+
+def _build_model(name: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = tiny_config(name)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if name in HEAD_SCALE:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(HEAD_SCALE[name])
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_path()).save_pretrained(out)

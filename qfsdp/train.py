@@ -79,7 +79,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         check_loaded(raw, cfg, tokenizer)
     dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
     reset_peak_memory(d.device)
-    model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune)
+    model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune, seed=cfg.seed)
     apply_kernels(model, cfg.kernels)
     if cfg.lora.enabled:
         model = attach_lora(model, cfg.lora, cfg.seed)

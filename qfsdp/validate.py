@@ -30,13 +30,17 @@ class Machine:
 
     gpus: int
     bf16_supported: bool = True
+    gpu_memory_gib: float | None = None  # each GPU's memory; None: unknown (no GPU)
 
     @classmethod
     def detect(cls) -> "Machine":
         import torch
 
-        # device_count() does not create a CUDA context; bf16 support is checked again on the GPU in the worker.
-        return cls(gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        # device_count() and the device's properties create no CUDA context; bf16 support is checked again on the
+        # GPU in the worker.
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) / 2**30 if gpus else None
+        return cls(gpus=gpus, gpu_memory_gib=memory)
 
 
 def resolve_world_size(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None, slurm=None) -> int:
@@ -81,6 +85,7 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     _check_saving(cfg)
     if cfg.gpu_memory_limit_gib is not None and cfg.gpu_memory_limit_gib <= 0:
         raise ConfigError(f"gpu_memory_limit_gib={cfg.gpu_memory_limit_gib} must be positive GiB, or null for no cap")
+    _check_fits(cfg, machine, world_size)
     return world_size
 
 
@@ -203,22 +208,33 @@ def _check_dataset(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _meta_model(cfg: DictConfig):
+    """A weightless (meta-device) copy of the model, or None when its config is not reachable yet (a hub id offline:
+    loading reports it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qfsdp.model import load_config
+
+    try:
+        config = load_config(cfg.model)
+    except OSError:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
 def _check_lora_targets(cfg: DictConfig) -> None:
     """Attach the LoRA config to a weightless (meta-device) copy of the model: PEFT itself says if nothing matches."""
     if not cfg.lora.enabled:
         return
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    from qfsdp.model import load_config, peft_lora_config
+    from qfsdp.model import peft_lora_config
 
-    try:
-        config = load_config(cfg.model)
-    except OSError:
-        return  # no config reachable yet (hub id offline): loading reports it
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    if (model := _meta_model(cfg)) is None:
+        return
     try:
         get_peft_model(model, peft_lora_config(cfg.lora))
     except ValueError as e:
@@ -228,3 +244,88 @@ def _check_lora_targets(cfg: DictConfig) -> None:
             f"matches no module of {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
             f"its linear modules are: {', '.join(linear)}"
         ) from None
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What every GPU holds for the whole run, in bytes, before activations (counted from the model's config)."""
+
+    packed_4bit: int  # packed 4-bit bytes, all ranks together
+    unquantized: int  # frozen weights left unquantized (embeddings, head, norms) in the compute dtype
+    quant_stats: int  # 4-bit quantization statistics, whole on every rank
+    trained: int  # trained weights, their gradients and AdamW state (float32: 16 bytes each), all ranks together
+    shard_size: int  # processes that share one copy
+
+    @property
+    def sharded_weights(self) -> int:
+        return self.packed_4bit + self.unquantized
+
+    @property
+    def per_gpu(self) -> float:
+        return (self.sharded_weights + self.trained) / self.shard_size + self.quant_stats
+
+
+def memory_need(cfg: DictConfig, world_size: int) -> MemoryNeed | None:
+    """The arithmetic of `_check_fits`, from a meta-device copy of the model (no weights loaded)."""
+    import torch
+
+    from qfsdp.model import bnb_config, checkpoint_dtype, linears_to_quantize, peft_lora_config
+
+    model = _meta_model(cfg)
+    if model is None:
+        return None
+    compute = getattr(torch, cfg.precision.dtype)
+    quantized, stats = 0, 0
+    if cfg.quant.enabled:
+        from qfsdp.config import QuantConfig
+
+        quant = bnb_config(QuantConfig(**cfg.quant), compute)
+        for name in linears_to_quantize(model, quant):
+            n = model.get_submodule(name).weight.numel()
+            quantized += n
+            # bitsandbytes' statistics per 64-weight block: a float32 absmax, or with double quantization one byte
+            # plus, per 256 blocks, a float32 (and one float32 offset per weight)
+            blocks = -(-n // 64)
+            stats += blocks + 4 * -(-blocks // 256) + 4 if cfg.quant.double_quant else 4 * blocks
+    total = sum(p.numel() for p in model.parameters())
+    if cfg.lora.enabled:
+        from peft import get_peft_model
+
+        trained = sum(p.numel() for p in get_peft_model(model, peft_lora_config(cfg.lora)).parameters()
+                      if p.requires_grad)
+        frozen_full = total - quantized
+    else:
+        trained, frozen_full = total, 0
+    itemsize = checkpoint_dtype(compute, not cfg.lora.enabled).itemsize
+    return MemoryNeed(packed_4bit=quantized // 2, unquantized=frozen_full * itemsize, quant_stats=stats,
+                      trained=trained * 16, shard_size=world_size // cfg.fsdp2.replicate if cfg.fsdp2.enabled else 1)
+
+
+def _check_fits(cfg: DictConfig, machine: Machine, world_size: int) -> None:
+    """Refuse a run whose weights, trained weights and optimizer state alone exceed each GPU's memory (or its
+    `gpu_memory_limit_gib` cap) without offload: it would fail only after minutes of loading. Activations are not
+    counted, so a run refused here cannot fit whatever its batch."""
+    if cfg.fsdp2.offload:
+        return
+    limits = [v for v in (machine.gpu_memory_gib, cfg.gpu_memory_limit_gib) if v is not None]
+    if not limits:
+        return
+    budget = min(limits) * 2**30
+    need = memory_need(cfg, world_size)
+    if need is None or need.per_gpu <= budget:
+        return
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.3g}"
+
+    capped = cfg.gpu_memory_limit_gib is not None and min(limits) == cfg.gpu_memory_limit_gib
+    what = f"gpu_memory_limit_gib={cfg.gpu_memory_limit_gib:g}" if capped else "each GPU"
+    fixes = "fsdp2=offload"
+    spare = budget - need.quant_stats
+    if spare > 0 and cfg.fsdp2.enabled:
+        gpus = -(-(need.sharded_weights + need.trained) // int(spare)) * cfg.fsdp2.replicate
+        fixes += f", or at least {gpus} GPUs (world_size={gpus})"
+    raise ConfigError(
+        f"{cfg.model.path} needs {gib(need.per_gpu)} GiB per GPU before activations (frozen weights "
+        f"{gib(need.sharded_weights)} GiB / {need.shard_size} process(es) + 4-bit statistics {gib(need.quant_stats)} "
+        f"+ trained weights, gradients and AdamW state {gib(need.trained)} GiB / {need.shard_size}) but {what} "
+        f"allows {gib(budget)} GiB; use {fixes}")

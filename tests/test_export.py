@@ -133,7 +133,7 @@ def test_other_bases(shared_runs, tmp_path, base):
     if base == "saved_in_4bit":
         cfg.model.path = str(save_prequantized_tiny(tmp_path / "tiny-bnb-4bit"))
     else:
-        cfg.model.random_init = True
+        cfg.model.random_init = cfg.model.random_checkpoint = True
         prepare_checkpoint(ModelConfig(**cfg.model), torch.float32)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     export(run, tmp_path / "merged")
@@ -164,7 +164,7 @@ def test_checkpoint_and_adapter_only(shared_runs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not_a_run", "unfinished", "no_such_checkpoint", "out_not_empty",
-                                  "adapter_of_full_finetune"])
+                                  "adapter_of_full_finetune", "random_base_never_saved"])
 def test_refusals_are_one_line(shared_runs, tmp_path, capsys, case):
     llama = shared_runs["llama_qlora_fp32"]
     out = tmp_path / "out"
@@ -174,15 +174,23 @@ def test_refusals_are_one_line(shared_runs, tmp_path, capsys, case):
         "no_such_checkpoint": [str(llama), str(out), "--checkpoint", "step-7"],
         "out_not_empty": [str(llama), str(out)],
         "adapter_of_full_finetune": [str(shared_runs["opt_full_ws1"]), str(out), "--adapter-only"],
+        "random_base_never_saved": [str(tmp_path / "random"), str(out)],
     }[case]
     if case == "unfinished":
         shutil.copytree(llama / ".hydra", tmp_path / "unfinished" / ".hydra")
     if case == "out_not_empty":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
+    if case == "random_base_never_saved":  # model.random_init without model.random_checkpoint: drawn, never saved
+        shutil.copytree(llama, tmp_path / "random", ignore=shutil.ignore_patterns("trainer"))
+        cfg = OmegaConf.load(tmp_path / "random" / ".hydra" / "config.yaml")
+        cfg.model.random_init = True
+        OmegaConf.save(cfg, tmp_path / "random" / ".hydra" / "config.yaml")
     with pytest.raises(SystemExit) as stop:
         main(args)
     err = capsys.readouterr().err
+    if case == "random_base_never_saved":
+        assert "model.random_checkpoint=true" in err, err
     assert stop.value.code == 2 and err.startswith("qfsdp.export: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert not out.exists() or {p.name for p in out.iterdir()} == {"keep.txt"}

@@ -26,6 +26,8 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("world_size=0", (), "world_size=0 must be at least 1"),
     ("seed=-1", (), "seed=-1 must be in [0, 2**32)"),
     ("gpu_memory_limit_gib=0", (), "gpu_memory_limit_gib=0"),
+    ("gpu_memory_limit_gib=4", ("model=llama3_1_8b", "model.random_init=true"),
+     "needs 5.94 GiB per GPU before activations"),
     ("resume=/no/such/checkpoint", (), "resume=/no/such/checkpoint does not exist"),
     ("kernels=liger", (), "kernels=liger runs Triton kernels on a GPU and none is visible; use kernels=none"),
     # model
@@ -155,6 +157,43 @@ def test_good_config_still_passes():
                     CPU) == 1
     assert not dist.is_initialized()
     assert PartialState._shared_state == before  # the SFTConfig built to check the settings set up no device state
+
+
+# ---- fit before load: the arithmetic of validate._check_fits ----
+
+def test_fit_counts_what_loading_holds():
+    """memory_need's counts for the tiny model against the model as loaded (random weights, quantized on CPU): the
+    packed 4-bit bytes exactly, the quantization statistics within 1%, the LoRA weights exactly."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
+    from qfsdp.model import attach_lora, load_model
+    from qfsdp.shard import parallelize, quantized_bytes
+    from qfsdp.validate import memory_need
+
+    cfg = compose_config(["model.random_init=true", "precision=fp32"])
+    need = memory_need(cfg, 1)
+    model = attach_lora(load_model(ModelConfig(**cfg.model), QuantConfig(**cfg.quant), torch.float32),
+                        LoraConfig(**cfg.lora), seed=0)
+    parallelize(model, None, torch.device("cpu"), FSDP2Config(**cfg.fsdp2), param_dtype=torch.float32)
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    stats = sum(t.numel() * t.element_size() for qs in states for t in (qs.absmax, qs.state2.absmax, qs.offset))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if not p.requires_grad and not isinstance(p, bnb.nn.Params4bit))
+    assert need.packed_4bit == quantized_bytes(model)
+    assert abs(need.quant_stats - stats) <= 0.01 * stats
+    assert need.trained == 16 * trained and need.unquantized == frozen
+
+
+def test_fit_sharding_or_offload_passes():
+    """The refused 8B case of BAD_SETTINGS fits on the 2 GPUs its message names (3.0 GiB each), or with offload."""
+    base = ["model=llama3_1_8b", "model.random_init=true", "gpu_memory_limit_gib=4"]
+    assert validate(compose_config([*base, "world_size=2"]), CPU) == 2
+    assert validate(compose_config([*base, "fsdp2=offload"]), CPU) == 1
+    with pytest.raises(ConfigError, match="but each GPU allows 4 GiB; use fsdp2=offload, or at least 2 GPUs"):
+        validate(compose_config(base[:2]), Machine(gpus=1, gpu_memory_gib=4.0))  # the GPU's own memory
 
 
 def render_doc() -> str:

@@ -26,7 +26,8 @@ WARMUP = 3
 PRESETS = {
     # Llama-3.1-8B shape, random weights, synthetic 2048-token sequences, global batch 16, 20 steps. Micro batch 4:
     # at 2, eager steps wait on kernel launches and their speed varied by machine (docs/BENCHMARKS.md, History).
-    "llama8b": ["model=llama3_1_8b", "model.random_init=true", "dataset=synthetic", "dataset.seq_length=2048",
+    # The random weights go through a checkpoint (model.random_checkpoint): the stock rows load the same weights.
+    "llama8b": ["model=llama3_1_8b", "model.random_init=true", "model.random_checkpoint=true", "dataset=synthetic", "dataset.seq_length=2048",
                 "dataset.num_samples=512", "trainer.max_length=2048", "trainer.global_batch_size=16",
                 "trainer.per_device_train_batch_size=4", "trainer.max_steps=20", "lora.r=16"],
     # The same matrix on the tiny model, for CPU tests.
@@ -52,7 +53,7 @@ DET = ("deterministic=true",)
 # so the packed row does not see data twice.
 LOGNORMAL = ("dataset.lengths=lognormal", "dataset.median_length=256", "dataset.num_samples=2048")
 LIGER = ("kernels=liger",)
-KAGGLE = ("experiment=kaggle_2xt4", "model.random_init=true", *DET)
+KAGGLE = ("experiment=kaggle_2xt4", "model.random_init=true", "model.random_checkpoint=true", *DET)
 ROWS = {
     "qfsdp-1": Row("qfsdp", 1),
     "qfsdp-2": Row("qfsdp", 2),
@@ -158,13 +159,13 @@ def prepare(names: list[str], preset: list[str], extra: tuple[str, ...] = ()) ->
     """Build every checkpoint and tokenizer the rows need, once, before rows run (possibly several at a time)."""
     import torch
 
-    from qfsdp.model import load_tokenizer, prepare_checkpoint
+    from qfsdp.model import load_tokenizer, prepare_checkpoint, stock_checkpoint
 
     for name in names:
         cfg = compose_config(row_config(name, preset, extra))
         prepare_checkpoint(cfg.model, getattr(torch, cfg.precision.dtype), full_finetune=not cfg.lora.enabled)
         if ROWS[name].runner == "stock":
-            prepare_checkpoint(cfg.model, torch.bfloat16)  # the stock recipe loads bf16 weights
+            stock_checkpoint(cfg.model)
         load_tokenizer(cfg.model)
 
 

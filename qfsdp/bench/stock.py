@@ -25,7 +25,7 @@ def main() -> None:
     from qfsdp.config import compose_config
     from qfsdp.distributed import all_gather_object, init_distributed, shutdown_and_exit
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
-    from qfsdp.model import load_tokenizer, prepare_checkpoint
+    from qfsdp.model import load_tokenizer, stock_checkpoint
     from qfsdp.shard import quantized_bytes
     from qfsdp.train import profile_callbacks
     from qfsdp.validate import gradient_accumulation_steps
@@ -35,7 +35,7 @@ def main() -> None:
     cfg = compose_config(sys.argv[2:])
 
     start = time.perf_counter()
-    path = prepare_checkpoint(cfg.model, torch.bfloat16)
+    path = stock_checkpoint(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     d = init_distributed()
     reset_peak_memory(d.device)
