@@ -72,6 +72,11 @@ def log_to_run_log_only(run_dir: Path | None) -> None:
         logger.handlers = [handler]
         logger.propagate = False
     logging.getLogger("qfsdp").setLevel(logging.INFO)
+    # transformers logs its notices through a console handler of its own (e.g. token ids aligned with the tokenizer)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(handler)
 
 
 def step_figures(row: dict, eval_loss: float | None = None) -> dict[str, str]:

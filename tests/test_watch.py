@@ -132,3 +132,25 @@ def test_disable_tqdm_prints_one_line_per_step(tmp_path, capsys):
                                        "step 2/3: loss=6.2500, tokens/s=1,234, peak=0.75GiB, eval_loss=6.5000\n")
     assert (tmp_path / "launch.log").read_text().endswith(
         " - step 2/3: loss=6.2500, tokens/s=1,234, peak=0.75GiB, eval_loss=6.5000\n")
+
+
+def test_library_notices_go_to_the_run_log_only(tmp_path, capsys):
+    """transformers' own logger (its default handler prints to the console) ends in the run's log, as warnings do."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from qfsdp.progress import log_to_run_log_only
+
+    (tmp_path / "launch.log").write_text("")
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate)
+             for name in ("py.warnings", "qfsdp", "transformers")}
+    try:
+        log_to_run_log_only(tmp_path)
+        hf_logging.get_logger("transformers.tokenization_utils_base").warning("a notice nobody can act on")
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logging.getLogger(name).handlers, logging.getLogger(name).propagate = handlers, propagate
+    assert "a notice nobody can act on" not in capsys.readouterr().err
+    assert "[transformers.tokenization_utils_base][WARNING] - a notice nobody can act on" in (
+        tmp_path / "launch.log").read_text()
