@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qfsdp.distributed import Dist, all_gather_object
+from qfsdp.hostmem import node_totals
 from qfsdp.metrics import memory_stats, peak_gib
 from qfsdp.rundir import SUMMARY
 
@@ -56,7 +57,8 @@ def versions() -> dict[str, str]:
 
 
 def build_summary(callback, d: Dist, *, quantized_bytes_per_rank: list[int], load_memory: dict,
-                  wall_time_s: float, output: str) -> dict:
+                  wall_time_s: float, output: str, load_host_memory: list[dict] | None = None) -> dict:
+    """`load_host_memory`: every rank's `hostmem.LoadHostMemory` figures, gathered (None: not measured)."""
     mem = memory_stats(d.device)
     mems = all_gather_object(mem)
     loads = all_gather_object(load_memory)
@@ -76,6 +78,8 @@ def build_summary(callback, d: Dist, *, quantized_bytes_per_rank: list[int], loa
         "peak_memory_gib": [peak_gib(m) for m in mems],
         "memory": mems,
         "load_memory": loads,
+        **({"load_host_memory": load_host_memory, "load_host_memory_per_node": node_totals(load_host_memory)}
+           if load_host_memory is not None else {}),
         "quantized_bytes_per_rank": quantized_bytes_per_rank,
         "wall_time_s": wall_time_s,
         "output": output,

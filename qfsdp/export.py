@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from qfsdp.hostmem import PeakAnon, peak_rss_bytes
 from qfsdp.rundir import SUMMARY
 from qfsdp.tiny import TINY_ARCHITECTURES
 
@@ -498,7 +497,7 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, adapter_only
            dtype: str | None = None, max_shard_bytes: int = 2 * 10**9) -> str:
     """Write the export into a fresh directory beside `out`, renamed to `out` once complete; returns the report."""
     start = time.perf_counter()
-    anon = _PeakAnon()
+    anon = PeakAnon()
     run = load_run(run_dir, checkpoint)
     check_out(out)
     if adapter_only and not run.adapter:
@@ -523,35 +522,11 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, adapter_only
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         anon.stop()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak = peak_rss_bytes() / 2**30
     source = f"{run_dir}" + (f" {checkpoint}" if checkpoint else "")
     own = f" ({anon.peak / 2**30:.2f} GiB its own, the rest mapped pages of the base checkpoint)" if anon.peak else ""
     return (f"qfsdp.export: {source} -> {out}: {report}; {time.perf_counter() - start:.1f}s, "
             f"peak RSS {peak:.2f} GiB{own}")
-
-
-class _PeakAnon:
-    """Peak anonymous resident memory (Linux RssAnon), sampled: the peak RSS also counts the checkpoint's
-    memory-mapped file pages, which the kernel reclaims at will and which grow to the checkpoint's size."""
-
-    def __init__(self, interval_s: float = 0.02):
-        self.peak, self._done = 0, threading.Event()
-        if Path("/proc/self/status").is_file():
-            self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
-            self._thread.start()
-
-    def _sample(self, interval_s: float) -> None:
-        while True:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            if self._done.wait(interval_s):
-                return
-
-    def stop(self) -> None:
-        self._done.set()
-        if hasattr(self, "_thread"):
-            self._thread.join()
 
 
 def parse_size(text: str) -> int:

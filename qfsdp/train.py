@@ -23,12 +23,13 @@ from qfsdp import artifacts, checkpoint
 from qfsdp.config import OWNED_TRAINER_FIELDS
 from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
+from qfsdp.hostmem import LoadHostMemory, load_line
 from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
 from qfsdp.model import (apply_kernels, attach_lora, base_model, load_config, load_model, load_tokenizer,
                          make_trainable_fp32)
 from qfsdp.pauses import CollectAtStepEnd, no_collection_pauses
 from qfsdp.profiling import ProfileCallback
-from qfsdp.progress import attach
+from qfsdp.progress import append_to_run_log, attach
 from qfsdp.shard import parallelize, quantized_bytes
 from qfsdp.validate import gradient_accumulation_steps
 
@@ -79,6 +80,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         check_loaded(raw, cfg, tokenizer)
     dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
     reset_peak_memory(d.device)
+    host_memory = LoadHostMemory()
     model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune, seed=cfg.seed)
     apply_kernels(model, cfg.kernels)
     if cfg.lora.enabled:
@@ -106,6 +108,9 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
                 deterministic=cfg.deterministic, fused_norms=getattr(cfg.kernels, "value", cfg.kernels) == "liger")
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)
+    load_host_memory = all_gather_object(host_memory.stop())
+    if d.is_main:
+        append_to_run_log(run_dir, load_line(load_host_memory, load_host_memory[0]["host"]))
     qbytes = all_gather_object(quantized_bytes(model))
     reset_peak_memory(d.device)
     with no_collection_pauses():
@@ -113,7 +118,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
     output = artifacts.save_trained_weights(model, run_dir, d, adapter=cfg.lora.enabled)
     summary = artifacts.build_summary(
-        callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory,
+        callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory, load_host_memory=load_host_memory,
         wall_time_s=time.perf_counter() - start, output=output,
     )
     if d.is_main:

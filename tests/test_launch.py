@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -42,7 +43,22 @@ def assert_finished_run(run_dir: Path, world_size: int, steps: int) -> dict:
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert not list(run_dir.glob("error-rank*.txt"))
+    assert_load_host_memory(s, world_size)
     return s
+
+
+def assert_load_host_memory(s: dict, world_size: int) -> None:
+    """Every rank's host memory while loading: its own (anonymous) peak is part of its peak RSS; the node's figures
+    are the sums over its ranks (the tests' ranks all run on this host)."""
+    ranks = s["load_host_memory"]
+    assert len(ranks) == world_size
+    for r in ranks:
+        assert 0 < r["peak_anon_gib"] <= r["peak_rss_gib"], r
+    host = socket.gethostname()
+    assert {r["host"] for r in ranks} == {host}
+    assert s["load_host_memory_per_node"] == {host: {
+        "processes": world_size, "peak_rss_gib": pytest.approx(sum(r["peak_rss_gib"] for r in ranks)),
+        "peak_anon_gib": pytest.approx(sum(r["peak_anon_gib"] for r in ranks))}}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +106,19 @@ def test_two_processes_offload_compile(tmp_path):
     # profile=true: rank 0 profiled optimizer steps 4-5
     profile = (run_dir / "profile.txt").read_text()
     assert profile.startswith("optimizer steps 4-5: wall") and "aten::mm" in profile
+
+
+@pytest.mark.slow
+def test_host_memory_while_loading_on_two_processes(shared_runs):
+    """summary.json holds both ranks' host memory peaks while loading and their node's sums; rank 0 logs the
+    node's line in launch.log."""
+    run_dir = shared_runs["opt_qlora_ws2"]
+    s = summary(run_dir)
+    assert_load_host_memory(s, world_size=2)
+    node = s["load_host_memory_per_node"][socket.gethostname()]
+    line = (f"loading: host memory peak {node['peak_rss_gib']:.2f} GiB RSS, {node['peak_anon_gib']:.2f} GiB own "
+            "(all 2 processes of this node)")
+    assert line in (run_dir / "launch.log").read_text()
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ def main() -> None:
     from qfsdp import artifacts
     from qfsdp.config import compose_config
     from qfsdp.distributed import all_gather_object, init_distributed, shutdown_and_exit
+    from qfsdp.hostmem import LoadHostMemory
     from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
     from qfsdp.model import load_tokenizer, stock_checkpoint
     from qfsdp.shard import quantized_bytes
@@ -39,6 +40,7 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model)
     d = init_distributed()
     reset_peak_memory(d.device)
+    host_memory = LoadHostMemory()
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -48,6 +50,7 @@ def main() -> None:
         attn_implementation=cfg.model.attn_implementation,
     )
     load_memory = memory_stats(d.device)
+    load_host_memory = all_gather_object(host_memory.stop())
     t = cfg.trainer
     args = SFTConfig(
         output_dir=str(run_dir / "trainer"),
@@ -71,6 +74,7 @@ def main() -> None:
     trainer.train()
     qbytes = all_gather_object(quantized_bytes(model))
     summary = artifacts.build_summary(callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory,
+                                      load_host_memory=load_host_memory,
                                       wall_time_s=time.perf_counter() - start, output="none")
     if d.is_main:
         artifacts.write_summary(run_dir, summary)

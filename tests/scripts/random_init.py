@@ -3,7 +3,8 @@ writes JSON to argv[1].
 
 argv[2]: "digests": a sha256 of every frozen weight as the model computes with it (4-bit bytes gathered, their quant
 state, embeddings, norms, head), so 1 and N processes can be compared. "memory": peak resident memory while loading
-argv[3] (a model directory holding only config.json), against the full-precision bytes of its weights.
+argv[3] (a model directory holding only config.json), and the peak of the process' own anonymous memory as a run
+measures it (hostmem.LoadHostMemory), against the full-precision bytes of its weights.
 """
 
 import hashlib
@@ -32,6 +33,11 @@ mesh = data_parallel_mesh(d.device.type, d.world_size)
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
 def quant_state_tensors(qs) -> list[torch.Tensor]:
@@ -79,14 +85,19 @@ else:
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     full_precision = sum(p.numel() * p.element_size() for p in meta.parameters())
     del meta
-    before = rss_bytes()
+    from qfsdp.hostmem import GIB, LoadHostMemory
+
+    before, anon_before = rss_bytes(), anon_bytes()
+    host_memory = LoadHostMemory()
     model = load_model(model_cfg, QuantConfig(), torch.float32, seed=0)
     after_build = rss_bytes()
     parallelize(model, mesh, d.device, FSDP2Config(activation_checkpointing=False), param_dtype=torch.float32)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    host = host_memory.stop()
     result = {"full_precision_bytes": full_precision, "rss_before": before, "rss_after_build": after_build,
               "peak_rss": peak, "peak_growth": peak - before, "rank_bytes": quantized_bytes(model),
-              "layers": config.num_hidden_layers}
+              "layers": config.num_hidden_layers, "anon_before": anon_before,
+              "peak_anon": host["peak_anon_gib"] * GIB, "host_peak_rss": host["peak_rss_gib"] * GIB}
 
 results = [None] * d.world_size
 torch.distributed.all_gather_object(results, result)
