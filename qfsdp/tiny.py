@@ -17,7 +17,7 @@ import torch
 from qfsdp.data import SAMPLE_PATH
 
 # Bump when the recipe below changes, so stale caches are rebuilt.
-_VERSION = 4
+_VERSION = 5
 _VOCAB = 512
 
 # Turns written like the bundled sample's text ("<human>: ...\n<bot>: ..."), so the tokenizer (trained on that text) and
@@ -39,7 +39,7 @@ TINY_CHAT_TEMPLATE = (
 
 TINY_ARCHITECTURES = {
     "tiny": dict(
-        model_type="llama", hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
     ),
     # Four layers: room for FSDP2 units of several layers that are resharded and gathered again (tests).
