@@ -42,6 +42,12 @@ TINY_ARCHITECTURES = {
         model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
     ),
+    # The demo's model at hidden 64 with its head at init scale: small logits, on which the 1e-5 bounds between
+    # world sizes were measured (tests/test_parity.py); the demo's 5x head puts bf16 rounding there at ~5e-5.
+    "tiny_h64": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
     # Four layers: room for FSDP2 units of several layers that are resharded and gathered again (tests).
     "tiny_4layers": dict(
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
