@@ -65,7 +65,7 @@ def assert_load_host_memory(s: dict, world_size: int) -> None:
 def demo(tmp_path_factory):
     """`python launch.py`, exactly as the README says, from a fresh directory."""
     cwd = tmp_path_factory.mktemp("demo")
-    result = run_cmd([sys.executable, str(ROOT / "launch.py")], cwd=cwd)
+    result = run_cmd([sys.executable, str(ROOT / "launch.py")], cwd=cwd, timeout=600)  # 60 steps, a busy machine
     assert result.returncode == 0, result.stderr[-4000:]
     (run_dir,) = list((cwd / "outputs").glob("*/*"))
     return result, run_dir
