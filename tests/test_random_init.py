@@ -64,7 +64,7 @@ def test_nothing_is_written(drawn):
 
 def test_loading_holds_no_full_precision_copy(tmp_path):
     """A 104M-parameter Llama (12 layers, hidden 768) from its config alone: peak resident memory while loading grows
-    by less than half its full-precision (float32) bytes, and so does the process' own anonymous memory as a run's
+    by less than 0.9 of its full-precision (float32) bytes, and so does the process' own anonymous memory as a run's
     summary.json reports it (hostmem.LoadHostMemory). What it needs: the 4-bit model (1/8 of float32, plus ~3%
     quant state) and one layer in float32 at a time with bitsandbytes' quantization buffers (~2/12); a full
     copy, as a checkpoint read into memory or built whole, is 1."""
@@ -78,10 +78,12 @@ def test_loading_holds_no_full_precision_copy(tmp_path):
     print(f"peak RSS growth {r['peak_growth'] / 2**20:.0f} MiB; full precision {r['full_precision_bytes'] / 2**20:.0f}"
           f" MiB; 4-bit {r['rank_bytes'] / 2**20:.0f} MiB")
     assert r["full_precision_bytes"] > 400e6
-    assert r["peak_growth"] < 0.5 * r["full_precision_bytes"]
+    # Below 0.9: a full copy would be >= 1.125 (plus the 4-bit model). Measured 0.37 alone; 0.73 once while the
+    # whole suite shared the 2 cores (2026-12-07), where the allocator holds more between layers.
+    assert r["peak_growth"] < 0.9 * r["full_precision_bytes"]
     # no checkpoint is mapped: the drawn weights are the process' own (anonymous) memory, part of its RSS
     assert r["anon_before"] < r["peak_anon"] <= r["host_peak_rss"]
-    assert r["peak_anon"] - r["anon_before"] < 0.5 * r["full_precision_bytes"]
+    assert r["peak_anon"] - r["anon_before"] < 0.9 * r["full_precision_bytes"]
     assert _written_weights(tmp_path / "cache") == []
 
 
