@@ -210,3 +210,14 @@ def test_liger_parity_checks_and_the_table():
     assert "| real tokens/s |" in text and "| padding |" in text
     assert "| qfsdp-1-pack | ok | 1 | 4 x 4 | 6,400 | 6,400 | 20% | n/a |" in text  # MFU: not the preset's lengths
     assert "| qfsdp-1-det | ok | 1 | 4 x 4 | 7,000 | 7,000 | 0% | 29.1% |" in text
+
+
+def test_kaggle_recipe_checks_speed_and_parity_against_the_offload_recipe():
+    name = "throughput: kaggle-1 (no offload) >= 2x kaggle-offload-1"
+    slow = _result("kaggle-offload-1", 400, losses=(6.5, 6.4, 6.3))
+    ok, detail = _checks(slow, _result("kaggle-1", 1000, losses=(6.5, 6.4, 6.3)))[name]
+    assert ok is True and "2.50x" in detail
+    assert _checks(slow, _result("kaggle-1", 700, losses=(6.5, 6.4, 6.3)))[name][0] is False
+    parity = "kaggle-1 loss curve matches kaggle-offload-1: per-step |dloss| <= 1e-3"
+    assert _checks(slow, _result("kaggle-1", 1000, losses=(6.5, 6.4, 6.302)))[parity][0] is False
+    assert _checks(slow)[name][0] is None

@@ -1,5 +1,5 @@
-"""`experiment=kaggle_2xt4`: the free Kaggle 2 x T4 recipe (fp16, offload, sdpa, 15 GiB per GPU), on the tiny
-model here; the 8B-shape GPU emulation is a benchmark row (docs/BENCHMARKS.md)."""
+"""`experiment=kaggle_2xt4`: the free Kaggle 2 x T4 recipe (fp16, sdpa, 15 GiB per GPU; `kaggle_2xt4_offload` adds CPU
+offload), on the tiny model here; the 8B-shape GPU emulation is a benchmark row (docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ def test_experiment_is_the_kaggle_recipe():
     cfg = compose_config(["experiment=kaggle_2xt4"])
     assert cfg.model.path == "unsloth/Meta-Llama-3.1-8B" and cfg.model.attn_implementation == "sdpa"
     assert cfg.precision.dtype == "float16" and cfg.precision.loss_scaling
-    assert cfg.fsdp2.offload and cfg.world_size == 2 and cfg.gpu_memory_limit_gib == 15
+    assert not cfg.fsdp2.offload and cfg.world_size == 2 and cfg.gpu_memory_limit_gib == 15
     t = cfg.trainer
-    assert (t.max_steps, t.per_device_train_batch_size, t.global_batch_size, t.max_length) == (60, 2, 8, 2048)
+    assert (t.max_steps, t.per_device_train_batch_size, t.global_batch_size, t.max_length) == (60, 4, 8, 2048)
     assert cfg.dataset.name == "sample"
+    # the offload variant: the same recipe, weights in CPU memory, micro batch 2
+    off = compose_config(["experiment=kaggle_2xt4_offload"])
+    assert off.fsdp2.offload and off.trainer.per_device_train_batch_size == 2
+    assert (off.precision.dtype, off.world_size, off.gpu_memory_limit_gib, off.trainer.learning_rate,
+            off.model.attn_implementation) == ("float16", 2, 15, 2e-4, "sdpa")
     # the user's own overrides still win over the experiment's
     assert compose_config(["experiment=kaggle_2xt4", "model=tiny", "world_size=1"]).model.path == "tiny"
 

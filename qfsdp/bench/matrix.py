@@ -53,7 +53,9 @@ DET = ("deterministic=true",)
 # so the packed row does not see data twice.
 LOGNORMAL = ("dataset.lengths=lognormal", "dataset.median_length=256", "dataset.num_samples=2048")
 LIGER = ("kernels=liger",)
-KAGGLE = ("experiment=kaggle_2xt4", "model.random_init=true", "model.random_checkpoint=true", *DET)
+# The Kaggle 2 x T4 recipes: random 8B weights drawn on the GPU (no checkpoint to build), deterministic for parity.
+KAGGLE = ("experiment=kaggle_2xt4", "model.random_init=true", *DET)
+KAGGLE_OFFLOAD = ("experiment=kaggle_2xt4_offload", "model.random_init=true", *DET)
 ROWS = {
     "qfsdp-1": Row("qfsdp", 1),
     "qfsdp-2": Row("qfsdp", 2),
@@ -80,6 +82,11 @@ ROWS = {
     "qfsdp-1-liger-compile-det": Row("qfsdp", 1, (*LIGER, "compile=true", *DET)),
     "kaggle-1": Row("qfsdp", 1, KAGGLE, preset=False),
     "kaggle-2": Row("qfsdp", 2, KAGGLE, preset=False),
+    # kaggle-N-mb2 parts the two changes from the offload recipe: no offload at its micro batch 2
+    "kaggle-1-mb2": Row("qfsdp", 1, (*KAGGLE, "trainer.per_device_train_batch_size=2"), preset=False),
+    "kaggle-2-mb2": Row("qfsdp", 2, (*KAGGLE, "trainer.per_device_train_batch_size=2"), preset=False),
+    "kaggle-offload-1": Row("qfsdp", 1, KAGGLE_OFFLOAD, preset=False),
+    "kaggle-offload-2": Row("qfsdp", 2, KAGGLE_OFFLOAD, preset=False),
     "stock-1": Row("stock", 1),
     # Without gradient checkpointing at micro batch 4 (accumulation 4): micro batch 8 took 97 GiB on an H200, more
     # than an 80 GB H100 has. Set here, not left to the preset, so the row keeps fitting if the preset changes.

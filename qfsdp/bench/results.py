@@ -107,7 +107,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                         f"{_fmt(_mem(b, 'memory', 'peak_allocated_gib'))} vs "
                         f"{_fmt(_mem(a, 'memory', 'peak_allocated_gib'))} GiB"))
     kaggle_limit = 15.0
-    for name in ("kaggle-1", "kaggle-2"):
+    for name in ("kaggle-1", "kaggle-2", "kaggle-offload-1", "kaggle-offload-2"):
         check(f"{name}: peak memory per GPU < {kaggle_limit:.0f} GiB (load and train, reserved)", [name],
               lambda a: (max(_mem(a, "memory", "peak_reserved_gib") + _mem(a, "load_memory", "peak_reserved_gib"))
                          < kaggle_limit and all(math.isfinite(x) for x in a["losses"]),
@@ -116,6 +116,13 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                          f"{len(a['losses'])} steps, finite losses"))
     check("kaggle-2 loss curve matches kaggle-1: per-step |dloss| <= 1e-3", ["kaggle-1", "kaggle-2"],
           dloss_within(1e-3))
+    for n in (1, 2):
+        check(f"kaggle-{n} loss curve matches kaggle-offload-{n}: per-step |dloss| <= 1e-3",
+              [f"kaggle-{n}", f"kaggle-offload-{n}"], dloss_within(1e-3))
+        check(f"throughput: kaggle-{n} (no offload) >= 2x kaggle-offload-{n}", [f"kaggle-{n}", f"kaggle-offload-{n}"],
+              lambda a, b: (a["tokens_per_second"] >= 2 * b["tokens_per_second"],
+                            f"{a['tokens_per_second']:.0f} vs {b['tokens_per_second']:.0f} tokens/s "
+                            f"({a['tokens_per_second'] / b['tokens_per_second']:.2f}x)"))
     def at_least_as_fast(a, b):
         ta, tb = a["tokens_per_second"], b["tokens_per_second"]
         return ta >= tb, f"{ta:.0f} vs {tb:.0f} tokens/s ({ta / tb:.2f}x)"
