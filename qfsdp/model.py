@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import os
 from pathlib import Path
@@ -222,7 +224,12 @@ class RandomWeights:
 
     def __init__(self, seed: int, init, pending: dict[nn.Module, str], stand_in: dict[torch.dtype, torch.Tensor]):
         self.seed, self.init, self.pending, self.stand_in = seed, init, pending, stand_in
-        self.drawn: dict[int, nn.Parameter] = {}  # stand-in id -> its drawn parameter (tied weights: drawn once)
+        # Only a tied weight's drawn parameter is kept, for its other module: a reference to any other would keep
+        # its full-precision data alive after quantization and sharding (a 70B model's, layer after layer).
+        uses = Counter(id(p) for m in pending for p in m._parameters.values()
+                       if p is not None and _is_stand_in(p, stand_in))
+        self.tied = {key for key, n in uses.items() if n > 1}
+        self.drawn: dict[int, nn.Parameter] = {}  # tied stand-in's id -> its drawn parameter (drawn once)
 
     def __call__(self, module: nn.Module, device: torch.device) -> None:
         """Draw every weight under `module` still missing, on `device`."""
@@ -244,15 +251,15 @@ class RandomWeights:
         for key, p in list(m._parameters.items()):
             if p is None or not _is_stand_in(p, self.stand_in):
                 continue
-            if id(p) not in self.drawn:
-                data = torch.empty(p.shape, dtype=p.dtype, device=device)
-                self.drawn[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+            new = self.drawn.get(id(p))
+            if new is None:
+                new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
                 fresh = True
-            new = self.drawn[id(p)]
             if isinstance(p, bnb.nn.Params4bit):  # the settings defer_4bit gave it; quantizes on its move
                 new = bnb.nn.Params4bit(new.data, requires_grad=False, blocksize=p.blocksize,
                                         compress_statistics=p.compress_statistics, quant_type=p.quant_type,
                                         quant_storage=p.quant_storage, module=m)
+            if id(p) in self.tied:
                 self.drawn[id(p)] = new
             m._parameters[key] = new
         if not fresh:

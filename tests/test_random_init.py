@@ -114,3 +114,27 @@ def test_tied_head_stays_tied():
     head, embedding = model.lm_head.weight, model.model.decoder.embed_tokens.weight
     assert head is embedding and 0.018 < float(head.detach().std()) < 0.022
     assert not random_weights(model).pending
+
+
+def test_drawing_keeps_no_reference_to_drawn_weights():
+    """Once a layer is drawn and quantized, only the layer holds its weights: a reference kept by the drawing would
+    keep each layer's bytes on the GPU after FSDP2 sharded or offloaded them (a 70B run with offload ran out of a
+    24 GiB cap that way, 2026-12-07). Only a tied weight is kept, for its other module."""
+    import gc
+    import weakref
+
+    import torch
+
+    from qfsdp.config import ModelConfig, QuantConfig
+    from qfsdp.model import decoder_layers, load_model, random_weights
+
+    model = load_model(ModelConfig(path="tiny", random_init=True), QuantConfig(), torch.bfloat16, seed=3)
+    layer = decoder_layers(model)[0]
+    random_weights(model)(layer, torch.device("cpu"))
+    layer.to(torch.device("cpu"))  # bitsandbytes quantizes as the weights arrive
+    refs = [weakref.ref(p) for p in layer.parameters()]
+    assert len(refs) > 5 and random_weights(model).drawn == {}
+    for m in layer.modules():
+        m._parameters.clear()  # what sharding does to the layer's own references
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
