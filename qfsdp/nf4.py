@@ -298,13 +298,17 @@ def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
 
 
 def held_bytes(module: nn.Module) -> int:
-    """Bytes of 4-bit state this rank holds for one module: the packed bytes of a `Linear4bit`, plus its statistics
-    when whole (`Params4bit`, counted as `to_nf4_weights` lays them out, so shards add up to exactly that); the shard
-    of a `quant_statistics` parameter. The code tables, a constant few hundred bytes a weight, are not counted."""
+    """Bytes of 4-bit state this rank holds for one module, sharded or not: the packed bytes of a `Linear4bit`, plus
+    its statistics where it keeps them whole (bitsandbytes' `Params4bit`, or its module's copy; counted as
+    `to_nf4_weights` lays them out, so that shards add up to exactly that); the shard of a `quant_statistics`
+    parameter. The code tables, a constant few hundred bytes a weight, are not counted."""
     held = 0
     if isinstance(module, bnb.nn.Linear4bit):
         held += packed_bytes(module.weight).numel()
-        if (qs := getattr(module.weight, "quant_state", None)) is not None and not hasattr(module.weight, "to_local"):
+        local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
+        qs = getattr(module.weight, "quant_state", None)
+        qs = qs if qs is not None else getattr(module, "quant_state", None)
+        if qs is not None and not isinstance(local, NF4Weight):
             held += _Statistics(qs).nbytes
     if (statistics := module._parameters.get(STATISTICS)) is not None:
         held += packed_bytes(statistics).numel()
