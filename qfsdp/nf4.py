@@ -1,21 +1,26 @@
-"""Packed 4-bit bitsandbytes weights that FSDP2 can shard and gather exactly.
+"""Packed 4-bit bitsandbytes weights and their quantization statistics, sharded by FSDP2 and gathered exactly.
 
 `fully_shard` turns a bitsandbytes `Params4bit` into a plain DTensor: the packed bytes are sharded, but the
 `quant_state` (absmax, code table, original shape) is dropped from the parameter, and bitsandbytes only keeps
-working because `Linear4bit.forward` re-attaches the module's copy. `NF4Weight` is a small tensor subclass that
-holds the packed bytes *and* their quant state, and implements FSDP2's all-gather extension points:
+working because `Linear4bit.forward` re-attaches the module's copy, whole on every rank. Here both are parameters
+FSDP2 shards: each 4-bit weight's packed bytes, and one `quant_statistics` parameter per module holding 4-bit layers
+(a decoder layer), the bytes of their statistics one after another (absmax, and with double quantization the nested
+absmax and offset). Each rank holds 1/world_size of all of them; only the code tables and sizes (`_Statistics`, a
+few hundred bytes per weight) stay whole on every rank, as constant metadata.
 
-- `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the packed bytes as integers of the storage's width
-  (byte-exact whatever the storage dtype: FSDP2 never casts the packed data, and NaN bit patterns in float storage
-  cannot be touched);
-- `fsdp_post_all_gather` hands the gathered bytes to compute as a plain tensor, which `attach_quant_states`
-  gives the same quant state: the weight used for compute is bit-identical to the unsharded one, and bitsandbytes'
-  kernels run on it without this subclass's Python dispatch.
+Both are `NF4Weight`s, a small tensor subclass implementing FSDP2's all-gather extension points:
 
-Every other op on an `NF4Weight` runs on the packed bytes. Ops that only move, view or copy bytes (the ones FSDP2
-uses to chunk, pad and offload a parameter) return an `NF4Weight` again; anything else receives the plain bytes
-and returns plain tensors (compute never sees an `NF4Weight`: it gets the gathered plain tensor, and `fsdp2=off`
-keeps bitsandbytes' own `Params4bit`).
+- `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the bytes as integers of the storage's width (byte-exact
+  whatever the storage dtype: FSDP2 never casts them, and NaN bit patterns in float storage cannot be touched);
+- `fsdp_post_all_gather` hands the gathered bytes to compute as a plain tensor; `attach_quant_states` gives each
+  gathered weight, once, a quant state whose statistics are views of the gathered `quant_statistics`. FSDP2 gathers
+  into the same storage for the whole run, so compute always sees exactly the unsharded weight's bytes and
+  statistics, and bitsandbytes' kernels run on them without this subclass's Python dispatch.
+
+Every other op on an `NF4Weight` runs on the bytes. Ops that only move, view or copy bytes (the ones FSDP2 uses to
+chunk, pad and offload a parameter) return an `NF4Weight` again; anything else receives the plain bytes and returns
+plain tensors (compute never sees an `NF4Weight`: it gets the gathered plain tensor, and `fsdp2=off` keeps
+bitsandbytes' own `Params4bit`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
+
+STATISTICS = "quant_statistics"  # the parameter holding a module's 4-bit statistics (to_nf4_weights)
 
 # Ops that keep the bytes' meaning: their result is still (part of) the packed weight.
 _BYTE_PRESERVING_OPS = {
@@ -58,16 +65,18 @@ _BYTE_PRESERVING_OPS = {
 
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+_QUANT_STATE_FIELDS = ("absmax", "shape", "code", "blocksize", "quant_type", "dtype", "offset", "state2")
 
 
 class NF4Weight(torch.Tensor):
-    """Packed 4-bit weight bytes plus the bitsandbytes `QuantState` that gives them meaning."""
+    """Bytes FSDP2 shards and gathers exactly: a 4-bit weight's packed bytes, or a module's quantization statistics
+    (then `quant_layout` says whose they are and where: [(linear's name under the module, _Statistics)])."""
 
     packed: torch.Tensor
-    quant_state: QuantState
+    quant_layout: tuple | None
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor, quant_state: QuantState):
+    def __new__(cls, packed: torch.Tensor, quant_layout: tuple | None = None):
         return torch.Tensor._make_wrapper_subclass(
             cls,
             packed.shape,
@@ -78,25 +87,26 @@ class NF4Weight(torch.Tensor):
             requires_grad=False,
         )
 
-    def __init__(self, packed: torch.Tensor, quant_state: QuantState):
+    def __init__(self, packed: torch.Tensor, quant_layout: tuple | None = None):
         self.packed = packed
-        self.quant_state = quant_state
+        self.quant_layout = quant_layout
 
     def __repr__(self) -> str:
-        return f"NF4Weight(shape={tuple(self.quant_state.shape)}, packed={tuple(self.packed.shape)}, {self.dtype})"
+        what = "statistics" if self.quant_layout is not None else "packed"
+        return f"NF4Weight({what}={tuple(self.packed.shape)}, {self.dtype})"
 
-    # torch.compile: the quant state is constant metadata, the packed bytes the only traced tensor.
+    # torch.compile: the statistics' layout is constant metadata, the bytes the only traced tensor.
     def __tensor_flatten__(self):
-        return ["packed"], self.quant_state
+        return ["packed"], self.quant_layout
 
     @staticmethod
-    def __tensor_unflatten__(inner_tensors, quant_state, outer_size, outer_stride):
-        return NF4Weight(inner_tensors["packed"], quant_state)
+    def __tensor_unflatten__(inner_tensors, quant_layout, outer_size, outer_stride):
+        return NF4Weight(inner_tensors["packed"], quant_layout)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        quant_state = next(a.quant_state for a in _flat(args, kwargs) if isinstance(a, NF4Weight))
+        quant_layout = next(a.quant_layout for a in _flat(args, kwargs) if isinstance(a, NF4Weight))
 
         def unwrap(x):
             return x.packed if isinstance(x, NF4Weight) else x
@@ -108,7 +118,7 @@ class NF4Weight(torch.Tensor):
             return out
 
         def wrap(x):
-            return NF4Weight(x, quant_state) if isinstance(x, torch.Tensor) else x
+            return NF4Weight(x, quant_layout) if isinstance(x, torch.Tensor) else x
 
         return tree_map(wrap, out)
 
@@ -132,7 +142,7 @@ class NF4Weight(torch.Tensor):
             # FSDP2 re-gathers into the same buffer `out` already views; nothing to rebuild.
             return
         # Compute gets the gathered bytes as a plain tensor: every op on a tensor subclass goes through Python
-        # dispatch. `attach_quant_states` gives the gathered parameter its quant state on first use.
+        # dispatch. `attach_quant_states` gives the gathered weights their quant states on first use.
         return gathered.view(storage_dtype), (gathered,)
 
 
@@ -171,22 +181,83 @@ def _flat(args, kwargs):
             yield a
 
 
-def to_nf4_weight(module: bnb.nn.Linear4bit) -> None:
-    """Replace a quantized `Linear4bit`'s `Params4bit` by an `NF4Weight` parameter, in place."""
-    weight = module.weight
-    if isinstance(weight, nn.Parameter) and isinstance(weight.data, NF4Weight):
+# -- quantization statistics ----------------------------------------------------------------------------------
+
+def _replace(qs: QuantState, **changes) -> QuantState:
+    # A new QuantState rather than copy.copy: QuantState.__getattr__ recurses on a half-built copy.
+    return QuantState(**{**{k: getattr(qs, k) for k in _QUANT_STATE_FIELDS}, **changes})
+
+
+def _statistics(qs: QuantState) -> list[torch.Tensor]:
+    """The quant state's tensors that grow with the weight: absmax, and with double quantization the nested absmax
+    (a float32 per 256 blocks) and the offset. The code tables are fixed-size constants."""
+    return [qs.absmax, qs.state2.absmax, qs.offset] if qs.nested else [qs.absmax]
+
+
+class _Statistics:
+    """Where one weight's statistics sit in its module's `quant_statistics` bytes (from byte `start`), and the rest
+    of its quant state (code tables, shape, dtype, blocksize), replicated on every rank."""
+
+    def __init__(self, qs: QuantState, start: int = 0):
+        self.segments = []  # (byte offset, dtype, shape) of each statistics tensor
+        at = start
+        for t in _statistics(qs):
+            at += -at % 4  # 4-byte aligned, so a float32 statistic is a view of the gathered bytes
+            self.segments.append((at, t.dtype, tuple(t.shape)))
+            at += t.numel() * t.element_size()
+        self.nbytes = at + -at % 4 - start
+        state2 = _replace(qs.state2, absmax=None) if qs.nested else None
+        self.template = _replace(qs, absmax=None, offset=None, state2=state2)
+
+    def write(self, qs: QuantState, out: torch.Tensor) -> None:
+        """Copy `qs`'s statistics into the uint8 vector `out` at their offsets."""
+        for (at, _, _), t in zip(self.segments, _statistics(qs)):
+            b = t.detach().contiguous().view(-1).view(torch.uint8)
+            out[at:at + b.numel()] = b
+
+    def quant_state(self, data: torch.Tensor) -> QuantState:
+        """A quant state whose statistics are views of `data` (the gathered statistics' bytes), not copies."""
+        data = data.view(-1).view(torch.uint8)
+        views = [data[at:at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                 for at, dtype, shape in self.segments]
+        if not self.template.nested:
+            return _replace(self.template, absmax=views[0])
+        absmax, absmax2, offset = views
+        state2 = _replace(self.template.state2, absmax=absmax2)
+        return _replace(self.template, absmax=absmax, offset=offset, state2=state2)
+
+
+def to_nf4_weights(owner: nn.Module, linears: list[bnb.nn.Linear4bit]) -> None:
+    """Replace the `Params4bit` of quantized `linears` (submodules of `owner`) by `NF4Weight`s of their packed bytes,
+    and their quant states' statistics by one frozen parameter of `owner`, `quant_statistics`, in place. FSDP2
+    shards it in `owner`'s unit like the packed bytes; the linears keep no quant state until the first all-gather
+    (attach_quant_states)."""
+    if not linears or hasattr(owner, STATISTICS):
         return
-    if getattr(weight, "quant_state", None) is None:
-        raise ValueError(f"{module} holds no quantized weight (no quant_state); quantize before sharding")
-    packed = weight.data
+    names = {m: name for name, m in owner.named_modules()}
+    layout, at = [], 0
+    for m in linears:
+        if getattr(m.weight, "quant_state", None) is None:
+            raise ValueError(f"{m} holds no quantized weight (no quant_state); quantize before sharding")
+        layout.append((names[m], _Statistics(m.weight.quant_state, at)))
+        at += layout[-1][1].nbytes
+    data = torch.zeros(at, dtype=torch.uint8, device=linears[0].weight.device)
+    for m, (_, stats) in zip(linears, layout):
+        stats.write(m.weight.quant_state, data)
+        m.weight = nn.Parameter(NF4Weight(_storage_view(m.weight.data)), requires_grad=False)
+        m.quant_state = None  # the gathered weight's own comes from quant_statistics
+        keep_portable_cpu_kernels(m)
+    statistics = NF4Weight(_storage_view(data.view(-1, 1)), tuple(layout))
+    owner.register_parameter(STATISTICS, nn.Parameter(statistics, requires_grad=False))
+
+
+def _storage_view(packed: torch.Tensor) -> torch.Tensor:
     if packed.dtype == torch.uint8 and packed.numel() % 2 == 0:
         # FSDP2 before torch 2.13 creates every sharded parameter with requires_grad=True, which integer tensors
         # refuse. Byte pairs reinterpreted as bfloat16 (a view, not a cast) are a float parameter to FSDP2, and
         # are still gathered as raw bytes (fsdp_pre_all_gather), so no value is ever converted.
-        packed = packed.view(-1).view(torch.bfloat16).view(-1, 1)
-    module.weight = nn.Parameter(NF4Weight(packed, weight.quant_state), requires_grad=False)
-    module.quant_state = weight.quant_state  # the gathered weight gets it from here (see attach_quant_states)
-    keep_portable_cpu_kernels(module)
+        return packed.view(-1).view(torch.bfloat16).view(-1, 1)
+    return packed
 
 
 def keep_portable_cpu_kernels(module: bnb.nn.Linear4bit) -> None:
@@ -195,22 +266,26 @@ def keep_portable_cpu_kernels(module: bnb.nn.Linear4bit) -> None:
     module.support_avx512bf16_for_cpu = False
 
 
-def attach_quant_states(unit: nn.Module, linears: list[bnb.nn.Linear4bit]) -> None:
-    """Give the gathered weights of `linears` (managed by the FSDP2 unit `unit`) their quant state, in a forward
-    pre-hook of `unit` that runs right after FSDP2 gathers them.
+def attach_quant_states(unit: nn.Module, owner: nn.Module) -> None:
+    """Give the gathered weights of `owner`'s 4-bit layers (managed by the FSDP2 unit `unit`, `owner` already
+    sharded by `to_nf4_weights`) their quant states, in a forward pre-hook of `unit` that runs right after FSDP2
+    gathers them: views of `owner`'s gathered `quant_statistics`.
 
-    FSDP2 keeps the gathered parameter object for the whole run, so this sets the attribute once. Without it,
-    bitsandbytes' `Linear4bit.forward` would replace `module.weight` by a new `Params4bit` on every call (its fallback
-    for sharded weights), and a compiled layer would see a different weight on its first call than later (at which
-    point 1- and 2-process compiled runs stopped matching). The hook is kept out of torch.compile; on the unit, not
-    on each linear, it costs one graph break before the unit's body rather than one per linear.
+    FSDP2 keeps the gathered parameter objects for the whole run and gathers into the same storage, so this sets
+    each attribute once. Without it, bitsandbytes' `Linear4bit.forward` would replace `module.weight` by a new
+    `Params4bit` on every call (its fallback for sharded weights), and a compiled layer would see a different weight
+    on its first call than later (at which point 1- and 2-process compiled runs stopped matching). The hook is kept
+    out of torch.compile; on the unit, not on each linear, it costs one graph break before the unit's body rather
+    than one per linear.
     """
+    layout = getattr(owner, STATISTICS).to_local().quant_layout  # constant metadata of the sharded parameter
+    linears = [(owner.get_submodule(name), stats) for name, stats in layout]
 
     @torch.compiler.disable
     def hook(module, args):
-        for m in linears:
+        for m, stats in linears:
             if getattr(m.weight, "quant_state", None) is None:
-                m.weight.quant_state = m.quant_state
+                m.weight.quant_state = m.quant_state = stats.quant_state(getattr(owner, STATISTICS))
 
     unit.register_forward_pre_hook(hook)
 
@@ -220,6 +295,24 @@ def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     local = local.packed if isinstance(local, NF4Weight) else local
     return local.detach().contiguous().view(torch.uint8).view(-1)
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of 4-bit state this rank holds for one module, sharded or not: the packed bytes of a `Linear4bit`, plus
+    its statistics where it keeps them whole (bitsandbytes' `Params4bit`, or its module's copy; counted as
+    `to_nf4_weights` lays them out, so that shards add up to exactly that); the shard of a `quant_statistics`
+    parameter. The code tables, a constant few hundred bytes a weight, are not counted."""
+    held = 0
+    if isinstance(module, bnb.nn.Linear4bit):
+        held += packed_bytes(module.weight).numel()
+        local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
+        qs = getattr(module.weight, "quant_state", None)
+        qs = qs if qs is not None else getattr(module, "quant_state", None)
+        if qs is not None and not isinstance(local, NF4Weight):
+            held += _Statistics(qs).nbytes
+    if (statistics := module._parameters.get(STATISTICS)) is not None:
+        held += packed_bytes(statistics).numel()
+    return held
 
 
 def dequantize(weight: torch.Tensor, quant_state: Any = None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 1. activation checkpointing per decoder layer;
 2. one unit of `layers_per_unit` decoder layers at a time: draw its random weights on the device if the model has
    no checkpoint (`model.random_model`), cast its frozen weights, move them to the device (bitsandbytes quantizes
-   as they arrive), wrap the 4-bit weights as `NF4Weight`, compile, `fully_shard` the unit;
+   as they arrive), wrap the 4-bit weights and their quantization statistics as `NF4Weight`s, compile,
+   `fully_shard` the unit;
    so no device ever holds more than its shards plus one unit in full precision;
 3. the input embedding and the frozen head as units of their own, stray 4-bit layers, then the root.
 
@@ -25,7 +26,8 @@ from torch.distributed.tensor import DTensor
 
 from qfsdp.config import FSDP2Config
 from qfsdp.model import base_model, decoder_layers, random_weights
-from qfsdp.nf4 import NF4Weight, attach_quant_states, keep_portable_cpu_kernels, packed_bytes, to_nf4_weight
+from qfsdp.nf4 import (STATISTICS, NF4Weight, attach_quant_states, held_bytes, keep_portable_cpu_kernels,
+                        to_nf4_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +79,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device,
     in_layers = {m for layer in layers for m in layer.modules()}
     stray = prepare_stray_4bit(model, in_layers, place)
     shard_root(model, in_layers, place, ignored)
-    if stray and place.manage_frozen:
-        attach_quant_states(model, stray)
+    for m in stray if place.manage_frozen else []:
+        attach_quant_states(model, m)
     if place.manage_frozen:
         _check_4bit_shards(model)
     _check_all_drawn(model)
@@ -160,7 +162,8 @@ def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2
                     ignored_params=vectors if place.manage_frozen else set(frozen), **place.fsdp_kwargs)
         if place.manage_frozen:
             for layer in unit:
-                attach_quant_states(layer, _linears_4bit(layer))
+                if hasattr(layer, STATISTICS):
+                    attach_quant_states(layer, layer)
     logger.info("fully_shard: %d decoder layers in %d units%s%s", len(layers), len(units),
                 ", frozen weights offloaded to CPU" if fsdp2.offload else "",
                 "" if place.manage_frozen else ", frozen weights outside FSDP2 (one process per shard group)")
@@ -205,7 +208,7 @@ def prepare_stray_4bit(model: nn.Module, in_layers: set[nn.Module], place: Place
     for m in stray:
         place.draw(m)
         cast_frozen(m, place.param_dtype)
-        _prepare_4bit(m.to(place.device), place.manage_frozen)
+        _prepare_4bit(m.to(place.device), place.manage_frozen)  # its statistics a parameter of its own
     return stray
 
 
@@ -286,12 +289,13 @@ def _linears_4bit(module: nn.Module) -> list[bnb.nn.Linear4bit]:
 
 
 def _prepare_4bit(module: nn.Module, sharded: bool) -> None:
-    """Sharded by FSDP2: make the 4-bit weights NF4Weights; left alone: keep bitsandbytes' portable CPU kernels."""
+    """Sharded by FSDP2: make the 4-bit weights and their statistics NF4Weights (the statistics one parameter of
+    `module`); left alone: keep bitsandbytes' portable CPU kernels."""
+    if sharded:
+        to_nf4_weights(module, _linears_4bit(module))  # keeps the portable kernels too
+        return
     for m in _linears_4bit(module):
-        if sharded:
-            to_nf4_weight(m)  # keeps the portable kernels too
-        else:
-            keep_portable_cpu_kernels(m)
+        keep_portable_cpu_kernels(m)
 
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -304,17 +308,21 @@ def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
 
 
 def _check_4bit_shards(model: nn.Module) -> None:
-    """Every sharded 4-bit weight must still be an NF4Weight: an FSDP2 op missing from nf4._BYTE_PRESERVING_OPS
-    would silently make it plain data, which a mixed-precision cast then turns into garbage weights."""
+    """Every sharded 4-bit weight and statistics parameter must still be an NF4Weight: an FSDP2 op missing from
+    nf4._BYTE_PRESERVING_OPS would silently make it plain data, which a mixed-precision cast then turns into garbage
+    weights."""
     for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
+        held = [("weight", module.weight)] if isinstance(module, bnb.nn.Linear4bit) else []
+        held += [(STATISTICS, p) for p in [module._parameters.get(STATISTICS)] if p is not None]
+        for attr, p in held:
+            local = p.to_local() if hasattr(p, "to_local") else p
             if not isinstance(local, NF4Weight):
-                raise RuntimeError(f"{name}.weight lost its NF4Weight wrapper during fully_shard "
+                raise RuntimeError(f"{name}.{attr} lost its NF4Weight wrapper during fully_shard "
                                    f"(now {type(local).__name__}); an FSDP2 op is missing from "
                                    "nf4._BYTE_PRESERVING_OPS")
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Packed 4-bit weight bytes this rank holds (its shards; the whole model when unsharded)."""
-    return sum(packed_bytes(m.weight).numel() for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    """4-bit weight bytes this rank holds, packed bytes and their quantization statistics (its shards; the whole
+    model when unsharded): summary.json's `quantized_bytes_per_rank` (nf4.held_bytes)."""
+    return sum(held_bytes(m) for m in model.modules())

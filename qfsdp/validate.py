@@ -252,17 +252,17 @@ class MemoryNeed:
 
     packed_4bit: int  # packed 4-bit bytes, all ranks together
     unquantized: int  # frozen weights left unquantized (embeddings, head, norms) in the compute dtype
-    quant_stats: int  # 4-bit quantization statistics, whole on every rank
+    quant_stats: int  # 4-bit quantization statistics, all ranks together (sharded like the packed bytes)
     trained: int  # trained weights, their gradients and AdamW state (float32: 16 bytes each), all ranks together
     shard_size: int  # processes that share one copy
 
     @property
     def sharded_weights(self) -> int:
-        return self.packed_4bit + self.unquantized
+        return self.packed_4bit + self.quant_stats + self.unquantized
 
     @property
     def per_gpu(self) -> float:
-        return (self.sharded_weights + self.trained) / self.shard_size + self.quant_stats
+        return (self.sharded_weights + self.trained) / self.shard_size
 
 
 def memory_need(cfg: DictConfig, world_size: int) -> MemoryNeed | None:
@@ -320,12 +320,11 @@ def _check_fits(cfg: DictConfig, machine: Machine, world_size: int) -> None:
     capped = cfg.gpu_memory_limit_gib is not None and min(limits) == cfg.gpu_memory_limit_gib
     what = f"gpu_memory_limit_gib={cfg.gpu_memory_limit_gib:g}" if capped else "each GPU"
     fixes = "fsdp2=offload"
-    spare = budget - need.quant_stats
-    if spare > 0 and cfg.fsdp2.enabled:
-        gpus = -(-(need.sharded_weights + need.trained) // int(spare)) * cfg.fsdp2.replicate
+    if cfg.fsdp2.enabled:
+        gpus = -(-(need.sharded_weights + need.trained) // int(budget)) * cfg.fsdp2.replicate
         fixes += f", or at least {gpus} GPUs (world_size={gpus})"
     raise ConfigError(
-        f"{cfg.model.path} needs {gib(need.per_gpu)} GiB per GPU before activations (frozen weights "
-        f"{gib(need.sharded_weights)} GiB / {need.shard_size} process(es) + 4-bit statistics {gib(need.quant_stats)} "
+        f"{cfg.model.path} needs {gib(need.per_gpu)} GiB per GPU before activations (frozen weights, 4-bit "
+        f"statistics included, {gib(need.sharded_weights)} GiB / {need.shard_size} process(es) "
         f"+ trained weights, gradients and AdamW state {gib(need.trained)} GiB / {need.shard_size}) but {what} "
         f"allows {gib(budget)} GiB; use {fixes}")

@@ -3,7 +3,7 @@
 import bitsandbytes as bnb
 import torch
 
-from qfsdp.nf4 import NF4Weight, dequantize, packed_bytes, to_nf4_weight
+from qfsdp.nf4 import NF4Weight, dequantize, held_bytes, packed_bytes, to_nf4_weights
 
 
 def _linear4bit():
@@ -14,16 +14,27 @@ def _linear4bit():
 
 
 def test_packed_bytes_are_a_float_parameter_for_fsdp2():
-    """torch 2.11's FSDP2 makes every sharded parameter require grad at creation: integer ones fail there."""
+    """torch 2.11's FSDP2 makes every sharded parameter require grad at creation: integer ones fail there. The
+    quantization statistics become such a parameter too, which a quant state reads in place."""
     lin = _linear4bit()
-    before_bytes = packed_bytes(lin.weight).clone()
-    before = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+    qs = lin.weight.quant_state
+    before_bytes, held = packed_bytes(lin.weight).clone(), held_bytes(lin)
+    before = bnb.functional.dequantize_4bit(lin.weight.data, qs)
     x = torch.randn(3, 64)
     y_before = lin(x)
-    to_nf4_weight(lin)
+    to_nf4_weights(lin, [lin])
     assert isinstance(lin.weight.data, NF4Weight) and lin.weight.dtype.is_floating_point
     assert torch.equal(packed_bytes(lin.weight), before_bytes)  # a view of the same bytes, not a cast
-    assert torch.equal(dequantize(lin.weight.data), before)
+    statistics = lin.quant_statistics
+    assert isinstance(statistics.data, NF4Weight) and statistics.dtype.is_floating_point and lin.quant_state is None
+    assert held_bytes(lin) == held == before_bytes.numel() + 32 + 4 + 4  # absmax byte per block, absmax2, offset
+    ((name, layout),) = statistics.quant_layout
+    lin.weight.quant_state = layout.quant_state(statistics.packed)  # as attach_quant_states does once gathered
+    assert name == "" and lin.weight.quant_state.absmax.data_ptr() == statistics.packed.data_ptr()
+    for a, b in [(lin.weight.quant_state.absmax, qs.absmax), (lin.weight.quant_state.offset, qs.offset),
+                 (lin.weight.quant_state.state2.absmax, qs.state2.absmax)]:
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert torch.equal(dequantize(lin.weight), before)
     assert torch.equal(lin(x), y_before)
 
 
@@ -38,7 +49,7 @@ def test_fsdp2_reads_the_pre_all_gather_signature_by_lookup():
     import types
 
     lin = _linear4bit()
-    to_nf4_weight(lin)
+    to_nf4_weights(lin, [lin])
     weight = lin.weight.data
     signed = inspect.signature(weight.fsdp_pre_all_gather)
     assert list(signed.parameters) == ["mesh", "outer_size", "outer_stride", "module", "mp_policy"]

@@ -163,12 +163,14 @@ def test_good_config_still_passes():
 
 def test_fit_counts_what_loading_holds():
     """memory_need's counts for the tiny model against the model as loaded (random weights, quantized on CPU): the
-    packed 4-bit bytes exactly, the quantization statistics within 1%, the LoRA weights exactly."""
+    packed 4-bit bytes exactly, the quantization statistics within 1% (and so what summary.json's
+    quantized_bytes_per_rank reports: both), the LoRA weights exactly."""
     import bitsandbytes as bnb
     import torch
 
     from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
     from qfsdp.model import attach_lora, load_model
+    from qfsdp.nf4 import packed_bytes
     from qfsdp.shard import parallelize, quantized_bytes
     from qfsdp.validate import memory_need
 
@@ -182,8 +184,10 @@ def test_fit_counts_what_loading_holds():
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                  if not p.requires_grad and not isinstance(p, bnb.nn.Params4bit))
-    assert need.packed_4bit == quantized_bytes(model)
+    assert need.packed_4bit == sum(packed_bytes(m.weight).numel() for m in model.modules()
+                                   if isinstance(m, bnb.nn.Linear4bit))
     assert abs(need.quant_stats - stats) <= 0.01 * stats
+    assert abs(need.packed_4bit + need.quant_stats - quantized_bytes(model)) <= 0.01 * stats
     assert need.trained == 16 * trained and need.unquantized == frozen
 
 

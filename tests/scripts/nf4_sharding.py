@@ -1,7 +1,9 @@
 """Run under torchrun (gloo): sharded vs unsharded 4-bit model, compared exactly. Writes JSON to argv[1].
 
 argv[2] (optional, default 1): HSDP replica groups; the mesh is then (replicate, world_size / replicate), as
-`fsdp2=hsdp` builds it.
+`fsdp2=hsdp` builds it (and the same processes compare as one shard group too, under "one_shard_group"). argv[3]
+(optional): "shards" runs `compare_shards` alone, with fsdp2=offload at 1 process so that FSDP2 holds the 4-bit state
+there too.
 """
 
 import json
@@ -22,15 +24,15 @@ from qfsdp.distributed import (
     shutdown_and_exit,
 )
 from qfsdp.model import attach_lora, load_model, prepare_checkpoint
-from qfsdp.nf4 import NF4Weight, packed_bytes
+from qfsdp.nf4 import STATISTICS, NF4Weight, packed_bytes
 from qfsdp.shard import parallelize, quantized_bytes
 
 for name in ("tiny", "tiny_4layers"):
     prepare_checkpoint(ModelConfig(path=name), torch.float32)  # before the process group (see tiny.py)
 d = init_distributed()
 replicate = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+shards_only = len(sys.argv) > 3 and sys.argv[3] == "shards"
 UNSHARDED = FSDP2Config(activation_checkpointing=False)  # the reference: no mesh, no checkpointing
-out = {}
 
 
 def build(storage: str, seed: int = 0, path: str = "tiny", target_modules="all-linear"):
@@ -57,53 +59,100 @@ def loss_and_grads(model):
     return result.logits.detach(), grads
 
 
-for storage in ("uint8", "bfloat16"):
-    ref, sharded = build(storage), build(storage)
-    parallelize(ref, None, d.device, UNSHARDED, param_dtype=torch.float32)
-    total = quantized_bytes(ref)
-    mesh = data_parallel_mesh(d.device.type, d.world_size, replicate)
-    parallelize(sharded, mesh, d.device, FSDP2Config(), param_dtype=torch.float32)
-    ref_logits, ref_grads = loss_and_grads(ref)
-    logits, grads = loss_and_grads(sharded)
+def compare_shards(replicate: int, offload: bool = False) -> dict:
+    """Per storage dtype: the sharded model on a (replicate, world_size / replicate) mesh against the unsharded
+    one: logits, LoRA gradients, the gathered 4-bit state, and what each rank holds."""
+    out = {}
+    for storage in ("uint8", "bfloat16"):
+        ref, sharded = build(storage), build(storage)
+        parallelize(ref, None, d.device, UNSHARDED, param_dtype=torch.float32)
+        total = quantized_bytes(ref)
+        total_packed = sum(packed_bytes(m.weight).numel() for m in ref.modules() if isinstance(m, bnb.nn.Linear4bit))
+        mesh = data_parallel_mesh(d.device.type, d.world_size, replicate)
+        parallelize(sharded, mesh, d.device, FSDP2Config(offload=offload), param_dtype=torch.float32)
+        statistics = [p for n, p in sharded.named_parameters() if n.endswith(STATISTICS)]
+        # no rank keeps a whole quant state beside its shards: the sharded weights get theirs when gathered
+        no_whole_quant_state = all(m.quant_state is None and getattr(m.weight, "quant_state", None) is None
+                                   for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit))
+        rank_statistics = sum(packed_bytes(p).numel() for p in statistics)
+        ref_logits, ref_grads = loss_and_grads(ref)
+        logits, grads = loss_and_grads(sharded)
 
-    # the gathered 4-bit bytes of every quantized layer equal the unsharded bytes
-    ref_linears = [m for m in ref.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    layers = sharded.base_model.model.model.layers
-    bytes_equal, qs_kept = True, True
-    for layer in layers:
-        layer.unshard()
-    for m_ref, m in zip(ref_linears, [m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)]):
-        gathered = m.weight  # unsharded parameter, as compute sees it (after the forward above)
-        bytes_equal &= torch.equal(packed_bytes(gathered), packed_bytes(m_ref.weight))
-        # compute used the sharded weight's own quant state
-        qs_kept &= gathered.quant_state is m.quant_state
-        qs_kept &= torch.equal(gathered.quant_state.absmax, m_ref.weight.quant_state.absmax)
-    for layer in layers:
-        layer.reshard()
-    # Forward prefetch (shard.prefetch_next_unit): FSDP2 names each prefetch in the profiler's record
-    # ("FSDP::forward_prefetch for <module>"), issued from the previous layer's forward.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
-        sharded(input_ids=ids)
-    prefetched = sorted(e.name.rsplit(".", 1)[-1] for e in prof.events() if "FSDP::forward_prefetch" in e.name)
-    for unit in [*layers, sharded]:  # what the no-grad forward left gathered (the last layer, the root)
-        unit.reshard()
-    sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
-    head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
-    out[storage] = {
-        "head_rows": [head.to_local().shape[0], head.shape[0]] if isinstance(head, DTensor) else None,
-        "next_layer_prefetched": prefetched,
-        "logits_equal": torch.equal(logits, ref_logits),
-        "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
-        "n_grads": len(ref_grads),
-        # norm weights stay whole on every rank, outside FSDP2 (shard._frozen_vectors)
-        "layer_vectors_whole": [(n, isinstance(q, DTensor)) for n, q in layers.named_parameters()
-                                if not q.requires_grad and q.dim() <= 1],
-        "bytes_equal": bool(bytes_equal),
-        "quant_state_kept": bool(qs_kept),
-        "sharded_local_is_nf4": isinstance(sharded_local.to_local(), NF4Weight),
-        "rank_bytes": quantized_bytes(sharded),
-        "total_bytes": total,
-    }
+        # the gathered 4-bit bytes of every quantized layer equal the unsharded bytes
+        ref_linears = [m for m in ref.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        layers = sharded.base_model.model.model.layers
+        bytes_equal, qs_kept, stats_equal, stats_gathered = True, True, True, True
+        for layer in layers:
+            layer.unshard()
+        owners = {m: layer for layer in layers for m in layer.modules()}
+        for m_ref, m in zip(ref_linears, [m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)]):
+            gathered = m.weight  # unsharded parameter, as compute sees it (after the forward above)
+            bytes_equal &= torch.equal(packed_bytes(gathered), packed_bytes(m_ref.weight))
+            # compute used the quant state attached to the gathered weight
+            qs, qs_ref = gathered.quant_state, m_ref.weight.quant_state
+            qs_kept &= qs is m.quant_state
+            # every statistic and code table bit for bit as unsharded (double quantization: the nested ones too)
+            pairs = [(qs.absmax, qs_ref.absmax), (qs.code, qs_ref.code), (qs.offset, qs_ref.offset),
+                     (qs.state2.absmax, qs_ref.state2.absmax), (qs.state2.code, qs_ref.state2.code)]
+            stats_equal &= qs.nested and all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+                a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)) for a, b in pairs)
+            stats_equal &= (qs.shape, qs.blocksize, qs.dtype) == (qs_ref.shape, qs_ref.blocksize, qs_ref.dtype)
+            # ... read from the gathered statistics parameter itself, not from a copy
+            held = getattr(owners[m], STATISTICS).untyped_storage().data_ptr()
+            stats_gathered &= all(t.untyped_storage().data_ptr() == held
+                                  for t in (qs.absmax, qs.offset, qs.state2.absmax))
+        for layer in layers:
+            layer.reshard()
+        # Forward prefetch (shard.prefetch_next_unit): FSDP2 names each prefetch in the profiler's record
+        # ("FSDP::forward_prefetch for <module>"), issued from the previous layer's forward.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+            sharded(input_ids=ids)
+        prefetched = sorted(e.name.rsplit(".", 1)[-1] for e in prof.events() if "FSDP::forward_prefetch" in e.name)
+        for unit in [*layers, sharded]:  # what the no-grad forward left gathered (the last layer, the root)
+            unit.reshard()
+        sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
+        head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
+        out[storage] = {
+            "head_rows": [head.to_local().shape[0], head.shape[0]] if isinstance(head, DTensor) else None,
+            "next_layer_prefetched": prefetched,
+            "logits_equal": torch.equal(logits, ref_logits),
+            "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
+            "n_grads": len(ref_grads),
+            # norm weights stay whole on every rank, outside FSDP2 (shard._frozen_vectors)
+            "layer_vectors_whole": [(n, isinstance(q, DTensor)) for n, q in layers.named_parameters()
+                                    if not q.requires_grad and q.dim() <= 1],
+            "bytes_equal": bool(bytes_equal),
+            "quant_state_kept": bool(qs_kept),
+            "statistics_equal": bool(stats_equal),
+            "statistics_are_gathered_views": bool(stats_gathered),
+            "rank_statistics_bytes": rank_statistics,
+            "total_statistics_bytes": total - total_packed,
+            "statistics_sharded": len(statistics) == len(layers)
+            and all(isinstance(p, DTensor) and isinstance(p.to_local(), NF4Weight) for p in statistics),
+            "no_whole_quant_state_before_forward": no_whole_quant_state,
+            "sharded_local_is_nf4": isinstance(sharded_local.to_local(), NF4Weight),
+            "rank_bytes": quantized_bytes(sharded),
+            "total_bytes": total,
+        }
+    return out
+
+
+out = compare_shards(replicate, offload=shards_only and d.world_size == 1)
+if replicate > 1:  # the same processes as one shard group: 1/world_size each
+    out["one_shard_group"] = compare_shards(1)
+
+
+def finish(out):
+    results = [None] * d.world_size
+    dist.all_gather_object(results, out)
+    if d.rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f)
+    shutdown_and_exit(0)
+
+
+if shards_only:
+    finish(out)
 
 
 def compare_to_unsharded(**kwargs):
@@ -208,10 +257,4 @@ try:
 except RuntimeError as e:
     out["rank_dependent_init_caught"] = "differs between ranks" in str(e)
 check_trainable_same_on_all_ranks(build("uint8", seed=0))  # and the same seed passes
-
-results = [None] * d.world_size
-dist.all_gather_object(results, out)
-if d.rank == 0:
-    with open(sys.argv[1], "w") as f:
-        json.dump(results, f)
-shutdown_and_exit(0)
+finish(out)

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
 from qfsdp.distributed import data_parallel_mesh, init_distributed, shutdown_and_exit
 from qfsdp.model import attach_lora, load_model, prepare_checkpoint, random_weights
-from qfsdp.nf4 import packed_bytes
+from qfsdp.nf4 import STATISTICS, packed_bytes
 from qfsdp.shard import parallelize, quantized_bytes
 
 mode = sys.argv[2]
@@ -72,7 +72,8 @@ if mode == "digests":
                 packed_bytes(m.weight).view(-1, 1), m.quant_state))))
     for module_name, m in model.named_modules():
         for name, p in m.named_parameters(recurse=False):
-            if not p.requires_grad and not isinstance(m, bnb.nn.Linear4bit):  # embeddings, norms, head
+            # embeddings, norms, head (the 4-bit statistics are in the quant state digests above)
+            if not p.requires_grad and not isinstance(m, bnb.nn.Linear4bit) and name != STATISTICS:
                 digests[f"{module_name}.{name}"] = digest(p)
     result = {"digests": digests, "loss": float(loss), "pending_before": pending,
               "pending_after": len(random_weights(model).pending), "rank_bytes": rank_bytes,
