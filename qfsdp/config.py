@@ -288,8 +288,9 @@ class Config:
     dataset: DatasetConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # torch.compile each decoder layer (its parts under activation checkpointing; shard.compile_layer): slower start,
-    # faster steps.
-    compile: bool = False
+    # faster steps. null: on for GPU runs without CPU offload, where it was measured faster at the same memory
+    # (docs/BENCHMARKS.md); off on CPU and with offload. `compile_enabled` resolves it.
+    compile: Optional[bool] = None
     # Fused GPU kernels for the model's norms, MLP activation and rotary embedding (Kernels above); applied before
     # LoRA is attached and the model is sharded.
     kernels: Kernels = Kernels.none
@@ -335,3 +336,10 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def compile_enabled(cfg, device_type: str) -> bool:
+    """`compile` as set, or its default: on for GPU (CUDA) runs without CPU offload."""
+    if cfg.compile is not None:
+        return bool(cfg.compile)
+    return device_type == "cuda" and not cfg.fsdp2.offload

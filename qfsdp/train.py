@@ -20,7 +20,7 @@ from transformers.distributed.configuration_utils import DistributedConfig
 from trl import SFTConfig, SFTTrainer
 
 from qfsdp import artifacts, checkpoint
-from qfsdp.config import OWNED_TRAINER_FIELDS
+from qfsdp.config import OWNED_TRAINER_FIELDS, compile_enabled
 from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
 from qfsdp.hostmem import LoadHostMemory, load_line
@@ -104,7 +104,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     trainer.setup_checkpointing(run_dir, cfg, d.is_main, on_save=callback.record_checkpoint)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
-    parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=cfg.compile,
+    parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=compile_enabled(cfg, d.device.type),
                 deterministic=cfg.deterministic, fused_norms=getattr(cfg.kernels, "value", cfg.kernels) == "liger")
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)

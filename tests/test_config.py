@@ -37,8 +37,19 @@ def test_defaults():
     assert cfg.model.path == "tiny" and cfg.quant.enabled and cfg.quant.quant_type == "nf4" and cfg.quant.double_quant
     assert cfg.lora.target_modules == "all-linear"
     assert cfg.fsdp2.enabled and cfg.fsdp2.reshard_after_forward and cfg.fsdp2.activation_checkpointing
-    assert cfg.precision.dtype == "bfloat16" and cfg.compile is False and cfg.dataset.name == "sample"
+    assert cfg.precision.dtype == "bfloat16" and cfg.compile is None and cfg.dataset.name == "sample"
     assert cfg.kernels.value == "none"
+
+
+def test_compile_is_on_by_default_for_gpu_runs_without_offload():
+    from qfsdp.config import compile_enabled
+
+    assert compile_enabled(_compose(), "cuda") and not compile_enabled(_compose(), "cpu")
+    assert not compile_enabled(_compose("fsdp2=offload"), "cuda")  # compiled with offload: not measured on GPUs
+    assert compile_enabled(_compose("compile=true"), "cpu") and not compile_enabled(_compose("compile=false"), "cuda")
+    assert compile_enabled(_compose("compile=true", "fsdp2=offload"), "cuda")
+    # the GPU recipes that were measured eager stay eager
+    assert _compose("experiment=kaggle_2xt4").compile is False
 
 
 def test_switches_compose_as_written():

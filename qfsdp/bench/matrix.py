@@ -29,7 +29,8 @@ PRESETS = {
     # The random weights go through a checkpoint (model.random_checkpoint): the stock rows load the same weights.
     "llama8b": ["model=llama3_1_8b", "model.random_init=true", "model.random_checkpoint=true", "dataset=synthetic", "dataset.seq_length=2048",
                 "dataset.num_samples=512", "trainer.max_length=2048", "trainer.global_batch_size=16",
-                "trainer.per_device_train_batch_size=4", "trainer.max_steps=20", "lora.r=16"],
+                "trainer.per_device_train_batch_size=4", "trainer.max_steps=20", "lora.r=16",
+                "compile=false"],  # rows are eager unless named -compile (compile's GPU default is on)
     # The same matrix on the tiny model, for CPU tests.
     "tiny": ["dataset=synthetic", "dataset.seq_length=64", "trainer.global_batch_size=8",
              "trainer.per_device_train_batch_size=2", "trainer.max_steps=5"],
