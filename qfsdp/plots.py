@@ -1,5 +1,5 @@
-"""The two plot shapes qfsdp draws (loss curves, one bar per run), shared by a run's loss.png, the benchmark report
-and the sweep report, so they look alike and matplotlib is set up in one place."""
+"""The plot shapes qfsdp draws (loss curves, one bar per run, labeled points), shared by a run's loss.png, the
+benchmark report and the sweep report, so they look alike and matplotlib is set up in one place."""
 
 from __future__ import annotations
 
@@ -55,3 +55,32 @@ def bar_plot(path: Path, labels: Sequence[str], values: Sequence[float], *, ylab
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.grid(alpha=0.3, axis="y")
     _save(fig, ax, path, empty=not labels)
+
+
+def scatter_plot(path: Path, groups: Sequence[tuple[str, Sequence[tuple[str, float, float]]]], *, xlabel: str,
+                 ylabel: str, line: Sequence[tuple[float, float]] = (), line_label: str | None = None,
+                 title: str | None = None) -> None:
+    """Labeled points, one marker and colour per (group, [(label, x, y), ...]); `line` joins some points (a
+    frontier) in the order given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = "os^Dv"
+    for i, (group, points) in enumerate(groups):
+        if not points:
+            continue
+        ax.scatter([x for _, x, _ in points], [y for _, _, y in points], marker=markers[i % len(markers)], s=40,
+                   label=group, zorder=3)
+        # labels alternate above and below their point: neighbouring points' labels overlap less
+        for j, (label, x, y) in enumerate(points):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 if j % 2 == 0 else -11), fontsize=7)
+    if line:
+        ax.plot([x for x, _ in line], [y for _, y in line], color="grey", linestyle="--", label=line_label,
+                zorder=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if any(points for _, points in groups):
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, ax, path, empty=not any(points for _, points in groups))

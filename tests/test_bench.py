@@ -28,7 +28,7 @@ def test_bench_runs_rows_side_by_side_with_the_stock_recipe(tmp_path):
     assert checks["loss parity qfsdp-1-det vs qfsdp-2-det: per-step |dloss| <= 1e-3"] is True
     table = (out / "results.md").read_text()
     assert "| qfsdp-2-det | ok | 2 |" in table and "PASS loss parity" in table
-    for name in ("loss.png", "throughput.png", "memory.png", "bench.log"):
+    for name in ("loss.png", "throughput.png", "memory.png", "frontier.png", "bench.log"):
         assert (out / name).stat().st_size > 0
 
     merged = tmp_path / "merged"
@@ -134,11 +134,11 @@ def test_stock_recipe_trains_on_qfsdps_lognormal_rows():
     assert sum(lengths) >= 20 * 16 * 2048
 
 
-def _result(name, tps, peak=9.6, losses=(1.0, 0.9, 0.8), real=None, padding=0, runner=None):
+def _result(name, tps, peak=9.6, losses=(1.0, 0.9, 0.8), real=None, padding=0, runner=None, world_size=1):
     from qfsdp.bench.matrix import ROWS
 
-    mem = [{"peak_allocated_gib": peak, "peak_reserved_gib": peak + 0.5}]
-    return {"name": name, "status": "ok", "runner": runner or ROWS[name].runner, "world_size": 1,
+    mem = [{"peak_allocated_gib": peak, "peak_reserved_gib": peak + 0.5}] * world_size
+    return {"name": name, "status": "ok", "runner": runner or ROWS[name].runner, "world_size": world_size,
             "overrides": list(ROWS[name].overrides), "tokens_per_second": tps, "losses": list(losses),
             "micro_batch": 4, "gradient_accumulation": 4, "real_tokens": real or int(tps * 20),
             "padding_tokens": padding,
@@ -221,3 +221,67 @@ def test_kaggle_recipe_checks_speed_and_parity_against_the_offload_recipe():
     parity = "kaggle-1 loss curve matches kaggle-offload-1: per-step |dloss| <= 1e-3"
     assert _checks(slow, _result("kaggle-1", 1000, losses=(6.5, 6.4, 6.302)))[parity][0] is False
     assert _checks(slow)[name][0] is None
+
+
+# ---- issue 17, target 5: the throughput-memory frontier that leads the report ----
+
+META = {"preset": "llama8b", "preset_overrides": [], "ceiling": {"tflops": 800.0, "device": "NVIDIA H200"},
+        "flops_per_token": 3.324e10, "warmup_steps": 3}
+
+
+def _frontier_rows():
+    return [
+        _result("stock-1", 8000, peak=9.6),
+        _result("stock-1-noac", 12000, peak=52.0),
+        _result("qfsdp-1", 8000, peak=9.6),  # ties stock-1 on both: both stay on the frontier
+        _result("qfsdp-1-compile", 10000, peak=10.4),
+        _result("qfsdp-1-noac-compile", 11000, peak=60.0),  # slower than stock-1-noac at more memory: dominated
+        _result("qfsdp-1-liger", 10000, peak=12.0),  # as fast as qfsdp-1-compile at more memory: dominated
+        _result("qfsdp-2", 9000, peak=6.1, world_size=2),  # beats the 1-GPU rows at <= 9.6 GiB, not 10.4
+        _result("qfsdp-1-pack", 30000, peak=5.0),  # other lengths: not compared
+        _result("kaggle-1", 900, peak=4.0),  # another recipe and data: not compared
+    ]
+
+
+def test_frontier_set():
+    from qfsdp.bench.results import _frontier_rows as compared, pareto
+
+    rows = compared(_frontier_rows())
+    assert {r["name"] for r in rows} == {"stock-1", "stock-1-noac", "qfsdp-1", "qfsdp-1-compile",
+                                         "qfsdp-1-noac-compile", "qfsdp-1-liger", "qfsdp-2"}
+    assert pareto(rows) == {"qfsdp-2", "qfsdp-1-compile", "stock-1-noac"}
+    # without the 2-GPU row, the tied 1-GPU rows are on it together
+    one_gpu = [r for r in rows if r["world_size"] == 1]
+    assert pareto(one_gpu) == {"stock-1", "qfsdp-1", "qfsdp-1-compile", "stock-1-noac"}
+    assert pareto([]) == set()
+
+
+def test_frontier_leads_the_report_and_is_plotted(tmp_path):
+    from qfsdp.bench.results import write_report
+
+    rows = _frontier_rows()
+    write_report(tmp_path, rows, META)
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("## Throughput–memory frontier")
+    section, rest = text.split("## All rows and checks", 1)
+    table_rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0][2:] for line in table_rows] == [
+        "qfsdp-2", "qfsdp-1", "stock-1", "qfsdp-1-compile", "qfsdp-1-liger", "stock-1-noac", "qfsdp-1-noac-compile"]
+    assert "| qfsdp-2 | 2 | 9,000 | 6.10 | 18.7% | yes |" in section  # MFU per GPU: 4500 x 3.324e10 / 800e12
+    assert "| qfsdp-1-liger | 1 | 10,000 | 12.00 | 41.5% | no |" in section
+    assert "pack" not in section and "kaggle" not in section
+    assert "4·N_linear + 12·L·s·d" in section and "800 TFLOP/s" in section
+    # the existing table and checks follow, unchanged
+    assert rest.lstrip().startswith("Preset `llama8b`") and "| kaggle-1 | ok | 1 |" in rest and "Checks:" in rest
+    for name in ("frontier.png", "throughput.png", "memory.png", "loss.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_frontier_section_in_a_merged_report_names_each_calls_peak():
+    from qfsdp.bench.results import frontier_section
+
+    rows = [_result("qfsdp-1", 8000), _result("stock-1", 6000)]
+    rows[1]["ceiling"] = {"tflops": 780.0, "device": "NVIDIA H100 80GB HBM3"}
+    text = frontier_section(rows, META)
+    assert "780 TFLOP/s / 800 TFLOP/s" in text and "| stock-1 | 1 | 6,000 | 9.60 | 25.6% | no |" in text
+    assert "none finished" in frontier_section([_result("kaggle-1", 900)], {**META, "ceiling": None})

@@ -9,8 +9,9 @@
 `run --stop-at EPOCH` starts no row within 60 s of EPOCH and cuts a running row there (device calls have a hard
 time limit; bench/gpu.sh sets it). On GPU hosts, bench/gpu.sh runs lanes of rows side by side on disjoint GPUs.
 
-OUT gets results.json, results.md (table + PASS/FAIL checks), loss.png, throughput.png, memory.png, bench.log. MFU
-is against a bf16 matmul ceiling measured in the same run, FLOPs per token from `qfsdp.bench.flops`.
+OUT gets results.json, results.md (throughput-memory frontier, table + PASS/FAIL checks), loss.png, throughput.png,
+memory.png, frontier.png, bench.log. MFU is against a bf16 matmul ceiling measured in the same run, FLOPs per token
+from `qfsdp.bench.flops`.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ PEAK_TFLOPS_16BIT: list[tuple[str, float]] = [
     (r"\bT4\b", 65.0),  # fp16
 ]
 SIXTEEN_BIT = ("bfloat16", "float16")
+# What flops_per_token counts, as reports print it beside their MFU.
+FORMULA = ("4·N_linear + 12·L·s·d (N_linear: the projections and head; L layers, sequence length s, hidden size d; "
+           "recompute not counted)")
 
 
 def peak_tflops(device: str | None, dtype: str) -> float | None:

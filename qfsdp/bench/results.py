@@ -207,6 +207,60 @@ def _fmt(values) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
 
 
+def _ceiling(row: dict, meta: dict) -> float | None:
+    """The matmul rate (TFLOP/s) a row's MFU divides by: in a merged report its own call's, else this call's."""
+    ceiling = (meta.get("ceiling") or {}).get("tflops")
+    return (row.get("ceiling") or {}).get("tflops", ceiling) if "ceiling" in row else ceiling
+
+
+def _mfu(row: dict, meta: dict) -> float | None:
+    """A finished row's MFU, or None: no measured ceiling, or not the preset's data (FLOPs per token are the preset's:
+    its sequence length)."""
+    ceiling = _ceiling(row, meta)
+    if not ceiling or not _on_preset_data(row):
+        return None
+    return flops.mfu(row["tokens_per_second"], row["world_size"], meta["flops_per_token"], ceiling)
+
+
+def _frontier_rows(rows: list[dict]) -> list[dict]:
+    """Finished rows on the preset's data, 1 GPU or more, by train peak: only their tokens/s compare."""
+    return sorted((r for r in rows if r["status"] == "ok" and _on_preset_data(r)),
+                  key=lambda r: (_peak(r), -r["tokens_per_second"], r["name"]))
+
+
+def pareto(rows: list[dict]) -> set[str]:
+    """Names of the rows no other row beats: at least as fast at no more memory, and better in one of the two. Rows
+    tied on both stay on the frontier together."""
+    def beats(a, b):
+        ta, tb, ma, mb = a["tokens_per_second"], b["tokens_per_second"], _peak(a), _peak(b)
+        return ta >= tb and ma <= mb and (ta > tb or ma < mb)
+
+    return {b["name"] for b in rows if not any(beats(a, b) for a in rows)}
+
+
+def frontier_section(rows: list[dict], meta: dict) -> str:
+    """results.md's lead: tokens/s against train peak memory per row, the frontier marked, and what MFU divides."""
+    on = _frontier_rows(rows)
+    best = pareto(on)
+    lines = ["## Throughput–memory frontier", "",
+             "Finished rows on the preset's data, by train peak GiB per GPU; on frontier: no other row is at least as "
+             "fast at no more memory (frontier.png plots them).", "",
+             "| row | GPUs | real tokens/s | train peak GiB (alloc) | MFU | on frontier |", "|---|---|---|---|---|---|"]
+    for row in on:
+        mfu = _mfu(row, meta)
+        lines.append(f"| {row['name']} | {row['world_size']} | {row['tokens_per_second']:,.0f} | {_peak(row):.2f} | "
+                     f"{f'{mfu:.1%}' if mfu is not None else 'n/a'} | {'yes' if row['name'] in best else 'no'} |")
+    if not on:
+        lines.append("| none finished | | | | | |")
+    # merged reports: each row divides by its own call's ceiling, so name every one the rows used
+    ceilings = sorted({_ceiling(row, meta) for row in on} - {None}) or [(meta.get("ceiling") or {}).get("tflops")]
+    peak = " / ".join(f"{c:.0f} TFLOP/s" for c in ceilings if c) or "n/a (no GPU)"
+    lines += ["", f"MFU = tokens/s per GPU × FLOPs per token ÷ the bf16 matmul peak measured in the row's call "
+                  f"({peak}); FLOPs per token = {meta['flops_per_token']:.3e} = {flops.FORMULA}.", "",
+              "## All rows and checks", ""]
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict], meta: dict, results) -> str:
     ceiling = (meta.get("ceiling") or {}).get("tflops")
     fpt = meta["flops_per_token"]
@@ -231,9 +285,8 @@ def table(rows: list[dict], meta: dict, results) -> str:
                          + " |" * 9)
             continue
         s, ws, tps = row["summary"], row["world_size"], row["tokens_per_second"]
-        row_ceiling = (row.get("ceiling") or {}).get("tflops", ceiling) if "ceiling" in row else ceiling
-        # FLOPs per token are the preset's (its sequence length): rows with their own recipe or lengths get none
-        mfu = f"{flops.mfu(tps, ws, fpt, row_ceiling):.1%}" if row_ceiling and _on_preset_data(row) else "n/a"
+        mfu = _mfu(row, meta)
+        mfu = f"{mfu:.1%}" if mfu is not None else "n/a"
         load = max(_mem(row, "load_memory", "peak_allocated_gib"))
         alloc = max(_mem(row, "memory", "peak_allocated_gib"))
         reserved = max(_mem(row, "memory", "peak_reserved_gib"))
@@ -274,13 +327,31 @@ def plots(out: Path, rows: list[dict]) -> None:
     bar_plot(out / "throughput.png", names, [r["tokens_per_second"] for r in ok], ylabel="real tokens/s (all GPUs)")
     bar_plot(out / "memory.png", names, [max(_mem(r, "memory", "peak_allocated_gib")) for r in ok],
              ylabel="peak GiB per GPU (train)")
+    frontier_plot(out / "frontier.png", rows)
+
+
+def frontier_plot(path: Path, rows: list[dict]) -> None:
+    """Real tokens/s of all GPUs against train peak GiB per GPU, qfsdp and stock apart, the frontier joined."""
+    from qfsdp.plots import scatter_plot
+
+    on = _frontier_rows(rows)
+    best = [r for r in on if r["name"] in pareto(on)]  # by memory: the line runs left to right
+
+    def point(row):
+        return f"{row['name']} ({row['world_size']} GPU{'s' if row['world_size'] > 1 else ''})", _peak(row), \
+            row["tokens_per_second"]
+
+    groups = [(runner, [point(r) for r in on if _runner(r) == runner]) for runner in sorted({_runner(r) for r in on})]
+    scatter_plot(path, groups, xlabel="train peak GiB per GPU (allocated)", ylabel="real tokens/s (all GPUs)",
+                 line=[(_peak(r), r["tokens_per_second"]) for r in best], line_label="frontier",
+                 title="throughput vs memory, rows on the preset's data")
 
 
 def write_report(out: Path, rows: list[dict], meta: dict) -> None:
-    """OUT/results.json, results.md (table and checks) and the plots."""
+    """OUT/results.json, results.md (the frontier, the table and checks) and the plots."""
     results = checks(rows)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": results}, indent=1))
-    (out / "results.md").write_text(table(rows, meta, results))
+    (out / "results.md").write_text(frontier_section(rows, meta) + table(rows, meta, results))
     plots(out, rows)
 
 
