@@ -288,8 +288,8 @@ class Config:
     dataset: DatasetConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # torch.compile each decoder layer (its parts under activation checkpointing; shard.compile_layer): slower start,
-    # faster steps. null: on for GPU runs without CPU offload, where it was measured faster at the same memory
-    # (docs/BENCHMARKS.md); off on CPU and with offload. `compile_enabled` resolves it.
+    # faster steps. null: on for QLoRA on GPUs without CPU offload, where it was measured faster at the same memory
+    # (docs/BENCHMARKS.md); off on CPU, with offload and for full fine-tuning. `compile_enabled` resolves it.
     compile: Optional[bool] = None
     # Fused GPU kernels for the model's norms, MLP activation and rotary embedding (Kernels above); applied before
     # LoRA is attached and the model is sharded.
@@ -339,7 +339,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def compile_enabled(cfg, device_type: str) -> bool:
-    """`compile` as set, or its default: on for GPU (CUDA) runs without CPU offload."""
+    """`compile` as set, or its default: on for QLoRA (4-bit base, LoRA) on GPUs without CPU offload, the setting
+    it was measured faster in; off elsewhere until measured there."""
     if cfg.compile is not None:
         return bool(cfg.compile)
-    return device_type == "cuda" and not cfg.fsdp2.offload
+    return device_type == "cuda" and not cfg.fsdp2.offload and cfg.quant.enabled and cfg.lora.enabled

@@ -48,6 +48,8 @@ def test_compile_is_on_by_default_for_gpu_runs_without_offload():
     assert not compile_enabled(_compose("fsdp2=offload"), "cuda")  # compiled with offload: not measured on GPUs
     assert compile_enabled(_compose("compile=true"), "cpu") and not compile_enabled(_compose("compile=false"), "cuda")
     assert compile_enabled(_compose("compile=true", "fsdp2=offload"), "cuda")
+    assert not compile_enabled(_compose("quant=none", "lora=none"), "cuda")  # full fine-tuning: not measured
+    assert not compile_enabled(_compose("quant=none"), "cuda")
     # the GPU recipes that were measured eager stay eager
     assert _compose("experiment=kaggle_2xt4").compile is False
 
