@@ -24,6 +24,7 @@ mkdir -p "$runs"
 
 # SHAPE and SEQ replace the model and sequence length (a CPU dry run: SHAPE="model=tiny" SEQ=256)
 read -r -a shape <<< "${SHAPE:-model=llama3_1_8b model.random_init=true lora.r=16}"
+shape+=(compile=false)  # eager, as its recorded figures were (compile is on by default on GPUs)
 seq=${SEQ:-2048}
 shape+=(trainer.max_length=$seq)
 

@@ -338,9 +338,16 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
-def compile_enabled(cfg, device_type: str) -> bool:
+def compile_enabled(cfg, device_type: str, capability: tuple[int, int] | None = None) -> bool:
     """`compile` as set, or its default: on for QLoRA (4-bit base, LoRA) on GPUs without CPU offload, the setting
-    it was measured faster in; off elsewhere until measured there."""
+    it was measured faster in; off elsewhere until measured there, and on GPUs Triton does not support (compute
+    capability below 7.0). `capability`: the GPU's, queried when None."""
     if cfg.compile is not None:
         return bool(cfg.compile)
-    return device_type == "cuda" and not cfg.fsdp2.offload and cfg.quant.enabled and cfg.lora.enabled
+    if device_type != "cuda" or cfg.fsdp2.offload or not (cfg.quant.enabled and cfg.lora.enabled):
+        return False
+    if capability is None:
+        import torch
+
+        capability = torch.cuda.get_device_capability()
+    return tuple(capability) >= (7, 0)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -241,6 +240,7 @@ class RandomWeights:
         if self.pending:
             raise RuntimeError(f"random weights never drawn for {sorted(self.pending.values())[:5]}: "
                                "shard.parallelize must draw every module before it computes")
+        self.drawn.clear()  # every tie is drawn: the modules hold their weights, nothing else may
 
     def _draw(self, m: nn.Module, name: str, device: torch.device) -> None:
         import hashlib

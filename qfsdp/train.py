@@ -104,7 +104,8 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     trainer.setup_checkpointing(run_dir, cfg, d.is_main, on_save=callback.record_checkpoint)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
-    parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=compile_enabled(cfg, d.device.type),
+    compiled = compile_enabled(cfg, d.device.type)
+    parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=compiled,
                 deterministic=cfg.deterministic, fused_norms=getattr(cfg.kernels, "value", cfg.kernels) == "liger")
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)

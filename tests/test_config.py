@@ -44,12 +44,14 @@ def test_defaults():
 def test_compile_is_on_by_default_for_gpu_runs_without_offload():
     from qfsdp.config import compile_enabled
 
-    assert compile_enabled(_compose(), "cuda") and not compile_enabled(_compose(), "cpu")
-    assert not compile_enabled(_compose("fsdp2=offload"), "cuda")  # compiled with offload: not measured on GPUs
-    assert compile_enabled(_compose("compile=true"), "cpu") and not compile_enabled(_compose("compile=false"), "cuda")
+    assert compile_enabled(_compose(), "cuda", (9, 0)) and not compile_enabled(_compose(), "cpu")
+    assert compile_enabled(_compose(), "cuda", (7, 5)) and not compile_enabled(_compose(), "cuda", (6, 0))  # no Triton
+    assert not compile_enabled(_compose("fsdp2=offload"), "cuda", (9, 0))  # with offload: not measured on GPUs
+    assert compile_enabled(_compose("compile=true"), "cpu")
+    assert not compile_enabled(_compose("compile=false"), "cuda", (9, 0))
     assert compile_enabled(_compose("compile=true", "fsdp2=offload"), "cuda")
-    assert not compile_enabled(_compose("quant=none", "lora=none"), "cuda")  # full fine-tuning: not measured
-    assert not compile_enabled(_compose("quant=none"), "cuda")
+    assert not compile_enabled(_compose("quant=none", "lora=none"), "cuda", (9, 0))  # full fine-tuning: not measured
+    assert not compile_enabled(_compose("quant=none"), "cuda", (9, 0))
     # the GPU recipes that were measured eager stay eager
     assert _compose("experiment=kaggle_2xt4").compile is False
 

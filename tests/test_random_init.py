@@ -113,7 +113,7 @@ def test_tied_head_stays_tied():
                 param_dtype=torch.float32)
     head, embedding = model.lm_head.weight, model.model.decoder.embed_tokens.weight
     assert head is embedding and 0.018 < float(head.detach().std()) < 0.022
-    assert not random_weights(model).pending
+    assert not random_weights(model).pending and random_weights(model).drawn == {}  # the tie no longer held there
 
 
 def test_drawing_keeps_no_reference_to_drawn_weights():
