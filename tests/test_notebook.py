@@ -78,6 +78,9 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
         assert (s["world_size"], s["steps"], s["device"]) == (world_size, STEPS, "cpu"), s
         trained_with = OmegaConf.load(runs / name / ".hydra" / "config.yaml")
         assert trained_with.dataset.name == "sample_chat" and trained_with.trainer.assistant_only_loss, name
+    # each of the 2 processes holds half the 4-bit bytes
+    one, two = (summary(runs / name)["quantized_bytes_per_rank"] for name in ("1gpu", "2gpu"))
+    assert two == [one[0] // 2] * 2 and one[0] % 2 == 0, (one, two)
     assert f"qfsdp: finished {STEPS} steps on 1 process(es)" in _text(_cell(nb, 'train("1gpu"'))
     assert f"qfsdp: finished {STEPS} steps on 2 process(es)" in _text(_cell(nb, 'train("2gpu"'))
 
