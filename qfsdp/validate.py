@@ -81,11 +81,11 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1), or null for the model's own")
     _check_dataset(cfg)
-    _check_lora_targets(cfg)
+    lora_trained = _check_lora_targets(cfg)
     _check_saving(cfg)
     if cfg.gpu_memory_limit_gib is not None and cfg.gpu_memory_limit_gib <= 0:
         raise ConfigError(f"gpu_memory_limit_gib={cfg.gpu_memory_limit_gib} must be positive GiB, or null for no cap")
-    _check_fits(cfg, machine, world_size)
+    _check_fits(cfg, machine, world_size, lora_trained)
     return world_size
 
 
@@ -224,19 +224,20 @@ def _meta_model(cfg: DictConfig):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def _check_lora_targets(cfg: DictConfig) -> None:
-    """Attach the LoRA config to a weightless (meta-device) copy of the model: PEFT itself says if nothing matches."""
+def _check_lora_targets(cfg: DictConfig) -> int | None:
+    """Attach the LoRA config to a weightless (meta-device) copy of the model: PEFT itself says if nothing matches.
+    Returns the number of trained (LoRA) parameters, for `memory_need` (attaching takes seconds at 70B)."""
     if not cfg.lora.enabled:
-        return
+        return None
     import torch
     from peft import get_peft_model
 
     from qfsdp.model import peft_lora_config
 
     if (model := _meta_model(cfg)) is None:
-        return
+        return None
     try:
-        get_peft_model(model, peft_lora_config(cfg.lora))
+        peft_model = get_peft_model(model, peft_lora_config(cfg.lora))
     except ValueError as e:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
@@ -244,6 +245,7 @@ def _check_lora_targets(cfg: DictConfig) -> None:
             f"matches no module of {type(model).__name__} ({str(e).splitlines()[0][:120]}); "
             f"its linear modules are: {', '.join(linear)}"
         ) from None
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
 @dataclass(frozen=True)
@@ -265,8 +267,9 @@ class MemoryNeed:
         return (self.sharded_weights + self.trained) / self.shard_size
 
 
-def memory_need(cfg: DictConfig, world_size: int) -> MemoryNeed | None:
-    """The arithmetic of `_check_fits`, from a meta-device copy of the model (no weights loaded)."""
+def memory_need(cfg: DictConfig, world_size: int, lora_trained: int | None = None) -> MemoryNeed | None:
+    """The arithmetic of `_check_fits`, from a meta-device copy of the model (no weights loaded). `lora_trained`:
+    the LoRA parameter count if known (`_check_lora_targets`), else counted here."""
     import torch
 
     from qfsdp.model import bnb_config, checkpoint_dtype, linears_to_quantize, peft_lora_config
@@ -288,7 +291,9 @@ def memory_need(cfg: DictConfig, world_size: int) -> MemoryNeed | None:
             blocks = -(-n // 64)
             stats += blocks + 4 * -(-blocks // 256) + 4 if cfg.quant.double_quant else 4 * blocks
     total = sum(p.numel() for p in model.parameters())
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and lora_trained is not None:
+        trained, frozen_full = lora_trained, total - quantized
+    elif cfg.lora.enabled:
         from peft import get_peft_model
 
         trained = sum(p.numel() for p in get_peft_model(model, peft_lora_config(cfg.lora)).parameters()
@@ -301,7 +306,7 @@ def memory_need(cfg: DictConfig, world_size: int) -> MemoryNeed | None:
                       trained=trained * 16, shard_size=world_size // cfg.fsdp2.replicate if cfg.fsdp2.enabled else 1)
 
 
-def _check_fits(cfg: DictConfig, machine: Machine, world_size: int) -> None:
+def _check_fits(cfg: DictConfig, machine: Machine, world_size: int, lora_trained: int | None = None) -> None:
     """Refuse a run whose weights, trained weights and optimizer state alone exceed each GPU's memory (or its
     `gpu_memory_limit_gib` cap) without offload: it would fail only after minutes of loading. Activations are not
     counted, so a run refused here cannot fit whatever its batch."""
@@ -311,7 +316,7 @@ def _check_fits(cfg: DictConfig, machine: Machine, world_size: int) -> None:
     if not limits:
         return
     budget = min(limits) * 2**30
-    need = memory_need(cfg, world_size)
+    need = memory_need(cfg, world_size, lora_trained)
     if need is None or need.per_gpu <= budget:
         return
     def gib(n: float) -> str:
