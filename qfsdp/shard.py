@@ -167,7 +167,7 @@ def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2
     logger.info("fully_shard: %d decoder layers in %d units%s%s%s", len(layers), len(units),
                 ", frozen weights offloaded to CPU" if fsdp2.offload else "",
                 "" if place.manage_frozen else ", frozen weights outside FSDP2 (one process per shard group)",
-                ", each layer compiled (compile=false: eager)" if compile else "")
+                ", each layer compiled (compile=false runs eager)" if compile else "")
     return units
 
 
