@@ -210,6 +210,15 @@ def test_liger_parity_checks_and_the_table():
     assert "| real tokens/s |" in text and "| padding |" in text
     assert "| qfsdp-1-pack | ok | 1 | 4 x 4 | 6,400 | 6,400 | 20% | n/a |" in text  # MFU: not the preset's lengths
     assert "| qfsdp-1-det | ok | 1 | 4 x 4 | 7,000 | 7,000 | 0% | 29.1% |" in text
+    # host memory while loading: the busiest node's sums over its processes (RSS / own); "-" where not recorded
+    two = _result("qfsdp-2", 12000, world_size=2)
+    two["summary"]["load_host_memory_per_node"] = {
+        "a": {"processes": 2, "peak_rss_gib": 33.04, "peak_anon_gib": 4.46},
+        "b": {"processes": 1, "peak_rss_gib": 17.0, "peak_anon_gib": 2.2}}
+    text = table([reference, two], {"preset": "llama8b", "preset_overrides": [], "flops_per_token": 3.324e10,
+                                    "warmup_steps": 3}, [])
+    assert "| load host GiB (RSS / own, per node) |" in text
+    assert "| 9.60 | 33.0 / 4.5 | 9.60 / 10.10 |" in text and "| 9.60 | - | 9.60 / 10.10 |" in text
 
 
 def test_kaggle_recipe_checks_speed_and_parity_against_the_offload_recipe():

@@ -22,6 +22,16 @@ def _mem(row, phase: str, key: str) -> list[float]:
     return [m.get(key, m.get("peak_rss_gib", 0.0)) for m in row["summary"][phase]]
 
 
+def _load_host(row) -> str:
+    """Host memory while loading, summed over the processes of the row's busiest node: peak RSS (which counts a
+    mapped checkpoint's pages once per process) / own (anonymous) memory, in GiB."""
+    nodes = row["summary"].get("load_host_memory_per_node") or {}
+    if not nodes:
+        return "-"
+    node = max(nodes.values(), key=lambda n: n["peak_rss_gib"])
+    return f"{node['peak_rss_gib']:.1f} / {node['peak_anon_gib']:.1f}"
+
+
 def _peak(row) -> float:
     """A row's training peak (allocated GiB) on its busiest GPU."""
     return max(_mem(row, "memory", "peak_allocated_gib"))
@@ -275,14 +285,15 @@ def table(rows: list[dict], meta: dict, results) -> str:
         f"share of the tokens the forwards ran; MFU only for rows on the preset's data.",
         "",
         "| row | status | GPUs | micro batch x accumulation | real tokens/s | tokens/s/GPU | padding | MFU | "
-        "load peak GiB (alloc) | train peak GiB (alloc / reserved) | 4-bit GiB/rank | final loss | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "load peak GiB (alloc) | load host GiB (RSS / own, per node) | train peak GiB (alloc / reserved) | "
+        "4-bit GiB/rank | final loss | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row["status"] != "ok":
             status = f"{row['status'].upper()}: {row.get('error', '')[:80]}"
             lines.append(f"| {row['name']} | {status} | {row['world_size']} | {_batch(row)} |"
-                         + " |" * 9)
+                         + " |" * 10)
             continue
         s, ws, tps = row["summary"], row["world_size"], row["tokens_per_second"]
         mfu = _mfu(row, meta)
@@ -291,7 +302,7 @@ def table(rows: list[dict], meta: dict, results) -> str:
         alloc = max(_mem(row, "memory", "peak_allocated_gib"))
         reserved = max(_mem(row, "memory", "peak_reserved_gib"))
         lines.append(f"| {row['name']} | ok | {ws} | {_batch(row)} | {tps:,.0f} | {tps / ws:,.0f} | {_padding(row)} | "
-                     f"{mfu} | {load:.2f} | "
+                     f"{mfu} | {load:.2f} | {_load_host(row)} | "
                      f"{alloc:.2f} / {reserved:.2f} | {s['quantized_bytes_per_rank'][0] / GIB:.3f} | "
                      f"{s['final_loss']:.4f} | {s['wall_time_s']:.0f} |")
     lines += ["", "Checks:", ""]
