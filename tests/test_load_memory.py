@@ -50,9 +50,9 @@ def test_more_processes_add_no_copy_of_the_checkpoint(checkpoint, tmp_path):
     # Read through the page cache: the mapped checkpoint counts in RSS, not in the process' own memory.
     assert one["peak_rss"] - one["peak_anon"] > 0.5 * size
     # Each process' own memory grows by a fraction of the checkpoint: the 4-bit bytes, the layer being quantized and
-    # what the allocator keeps between layers (188 MiB of 399 at 1 process, 135 and 139 at 2, 2026-12-07, 2 shared
-    # cores). A private copy would be >= 1.125 (the copy and the 4-bit model), >= 2.25 summed over 2 processes.
-    assert growth(one) < 0.75 * size
-    for r in two:  # a second process adds no more than the first one needed
-        assert growth(r) < growth(one) + 0.1 * size
+    # what the allocator keeps between layers, sampled every 20 ms (2026-12-07, 2 shared cores: 99-217 MiB of 399 at
+    # 1 process, 135-151 at 2, varying with what the sampler catches). A private copy would be >= 1.125 (the copy and
+    # the 4-bit model) in every process, >= 2.25 summed over 2.
+    for r in (one, *two):
+        assert growth(r) < 0.75 * size
     assert sum(growth(r) for r in two) < 1.5 * size

@@ -4,16 +4,16 @@ while loading (hostmem.LoadHostMemory, as summary.json reports it), its peak RSS
 memory-mapped pages, and its 4-bit bytes.
 """
 
-import json
 import sys
 
 import torch
 
 from qfsdp.config import FSDP2Config, ModelConfig, QuantConfig
-from qfsdp.distributed import data_parallel_mesh, init_distributed, shutdown_and_exit
+from qfsdp.distributed import data_parallel_mesh, init_distributed
 from qfsdp.hostmem import GIB, LoadHostMemory
 from qfsdp.model import load_model
 from qfsdp.shard import parallelize, quantized_bytes
+from rank_results import write_and_exit  # beside this script
 
 
 def anon_bytes() -> int:
@@ -30,9 +30,4 @@ parallelize(model, mesh, d.device, FSDP2Config(activation_checkpointing=False), 
 host = host_memory.stop()
 result = {"anon_before": anon_before, "peak_anon": host["peak_anon_gib"] * GIB,
           "peak_rss": host["peak_rss_gib"] * GIB, "rank_bytes": quantized_bytes(model)}
-results = [None] * d.world_size
-torch.distributed.all_gather_object(results, result)
-if d.rank == 0:
-    with open(sys.argv[1], "w") as f:
-        json.dump(results, f)
-shutdown_and_exit()
+write_and_exit(sys.argv[1], result)

@@ -8,7 +8,6 @@ measures it (hostmem.LoadHostMemory), against the full-precision bytes of its we
 """
 
 import hashlib
-import json
 import resource
 import sys
 
@@ -17,10 +16,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
-from qfsdp.distributed import data_parallel_mesh, init_distributed, shutdown_and_exit
+from qfsdp.distributed import data_parallel_mesh, init_distributed
 from qfsdp.model import attach_lora, load_model, prepare_checkpoint, random_weights
 from qfsdp.nf4 import STATISTICS, packed_bytes
 from qfsdp.shard import parallelize, quantized_bytes
+from rank_results import write_and_exit  # beside this script
 
 mode = sys.argv[2]
 path = sys.argv[3] if len(sys.argv) > 3 else "tiny"
@@ -100,9 +100,4 @@ else:
               "layers": config.num_hidden_layers, "anon_before": anon_before,
               "peak_anon": host["peak_anon_gib"] * GIB, "host_peak_rss": host["peak_rss_gib"] * GIB}
 
-results = [None] * d.world_size
-torch.distributed.all_gather_object(results, result)
-if d.rank == 0:
-    with open(sys.argv[1], "w") as f:
-        json.dump(results, f)
-shutdown_and_exit()
+write_and_exit(sys.argv[1], result)
