@@ -146,8 +146,27 @@ def _check_parallelism(cfg: DictConfig, world_size: int) -> None:
             f"fsdp2.replicate={replicate} needs world_size to be a multiple of it (HSDP shards within groups of "
             f"world_size / replicate processes) but world_size={world_size}; use fsdp2.replicate="
             f"{' or '.join(map(str, divisors))}, or a world_size that is a multiple of {replicate}")
+    _check_checkpointed_layers(cfg)
     if cfg.quant.enabled and not cfg.lora.enabled:
         raise ConfigError("lora=none (full fine-tuning) cannot train 4-bit weights; add quant=none")
+
+
+def _check_checkpointed_layers(cfg: DictConfig) -> None:
+    count = cfg.fsdp2.checkpointed_layers
+    if count is None:
+        return
+    if not cfg.fsdp2.activation_checkpointing:
+        raise ConfigError(f"fsdp2.checkpointed_layers={count} needs fsdp2.activation_checkpointing=true "
+                          f"(or leave it null)")
+    from qfsdp.model import load_config
+
+    try:
+        layers = getattr(load_config(cfg.model).get_text_config(), "num_hidden_layers", None)
+    except OSError:  # a hub id offline: loading reports it
+        layers = None
+    if count < 0 or (layers is not None and count > layers):
+        raise ConfigError(f"fsdp2.checkpointed_layers={count} must be from 0 to the model's {layers or 'number of'} "
+                          f"decoder layers (null = all)")
 
 
 def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:

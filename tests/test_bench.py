@@ -87,7 +87,8 @@ def test_training_imports_nothing_from_the_bench():
 # ---- rows for issues 16 and 17 (they run on a GPU host: here their configs and checks) ----
 
 NEW_ROWS = ["qfsdp-1-lognormal", "qfsdp-1-pack", "stock-1-lognormal", "stock-1-noac", "qfsdp-1-noac-compile",
-            "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det"]
+            "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det",
+            "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16"]
 
 
 def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
@@ -111,6 +112,7 @@ def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
     assert cfgs["qfsdp-1-pack"].dataset.lengths.value == "lognormal"
     assert [cfgs[n].kernels.value for n in NEW_ROWS if "liger" in n] == ["liger"] * 4
     assert cfgs["qfsdp-1-liger-compile-det"].compile and cfgs["qfsdp-1-liger-compile-det"].deterministic
+    assert [cfgs[n].fsdp2.checkpointed_layers for n in ("qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16")] == [24, 16]
 
 
 def test_stock_recipe_trains_on_qfsdps_lognormal_rows():

@@ -53,6 +53,9 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("fsdp2.replicate=0", ("world_size=2",), "fsdp2.replicate=0 must be at least 1"),
     ("fsdp2.replicate=2", ("world_size=3", "trainer.global_batch_size=6"), "fsdp2.replicate=1 or 3"),
     ("fsdp2=off", ("world_size=2",), "use world_size=1"),
+    ("fsdp2.checkpointed_layers=3", (), "must be from 0 to the model's 2 decoder layers"),
+    ("fsdp2.checkpointed_layers=1", ("fsdp2.activation_checkpointing=false",),
+     "needs fsdp2.activation_checkpointing=true"),
     # precision
     ("precision.dtype=float8", (), "precision.dtype=float8 is not one of"),
     ("precision.loss_scaling=true", (), "use precision=fp16"),

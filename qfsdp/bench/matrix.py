@@ -70,6 +70,10 @@ ROWS = {
     "qfsdp-1-noac": Row("qfsdp", 1, ("fsdp2.activation_checkpointing=false",)),
     "qfsdp-2-noac": Row("qfsdp", 2, ("fsdp2.activation_checkpointing=false",)),
     "qfsdp-1-noac-compile": Row("qfsdp", 1, ("fsdp2.activation_checkpointing=false", "compile=true")),
+    # Checkpointing on the first N of the 8B's 32 layers, the last 32 - N keep their activations: points between
+    # qfsdp-1-compile (all 32 recompute) and qfsdp-1-noac-compile (none) on the throughput-memory frontier.
+    "qfsdp-1-compile-ckpt24": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=24", "compile=true")),
+    "qfsdp-1-compile-ckpt16": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=16", "compile=true")),
     "qfsdp-1-liger": Row("qfsdp", 1, LIGER),
     "qfsdp-1-liger-compile": Row("qfsdp", 1, (*LIGER, "compile=true")),
     "qfsdp-1-lognormal": Row("qfsdp", 1, LOGNORMAL),
