@@ -7,12 +7,14 @@
 #
 # Lanes share the host's CPUs, disks and PCIe, not their GPUs: a row's speed then depends on what the other
 # lanes do meanwhile, so rows whose tokens/s are compared go in the "all" lane, alone on the host
-# (bench/h200x4.sh part 2). Every lane stops starting rows 9 minutes after the call begins (a
-# device call lasts at most 10), and OUT then gets the merged results.json / results.md / plots, host.txt,
+# (bench/h200x4.sh part 2). Every lane's rows end 9 minutes after the call begins (a device
+# call lasts at most 10; BENCH_SECONDS below), and OUT then gets the merged results.json / results.md / plots, host.txt,
 # bench.log and extras.tar.gz (every row's metrics, summary, profile and the lane logs).
 #
 # BENCH_SET="KEY=VALUE ..." applies those overrides to every qfsdp row (`bench run --set`; the stock recipe stays the
-# baseline), e.g. BENCH_SET=fsdp2.layers_per_unit=2. BENCH_SECONDS (default 540) is when lanes stop starting rows.
+# baseline), e.g. BENCH_SET=fsdp2.layers_per_unit=2. BENCH_SECONDS (default 540) is when every
+# row has ended: a row still running then is stopped (its log keeps the steps it made), later rows are skipped, and
+# a row starting with less than 60 s left is skipped. So lower it only to leave the call time for other work.
 #
 # Carried along: .gpu-site/ (make-site.sh's default packages) and .gpu-wheels/transformers-5.23.0-*.whl (the
 # host's transformers 5.17 lacks the Trainer path for models sharded before training).
