@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qfsdp.config import FSDP2Config
 from qfsdp.model import base_model, decoder_layers, random_weights
@@ -92,8 +93,11 @@ def enable_checkpointing(model: nn.Module, layers: list[nn.Module], count: int |
     count = len(layers) if count is None else count
     if count > len(layers):
         raise ValueError(f"fsdp2.checkpointed_layers={count} but the model has {len(layers)} decoder layers")
+    if count < len(layers) and not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+        raise ValueError(f"fsdp2.checkpointed_layers={count}: {type(layers[0]).__name__} has no per-layer "
+                         f"checkpointing switch (transformers' GradientCheckpointingLayer); leave it null")
     for layer in layers[count:]:
-        layer.gradient_checkpointing = False  # transformers' per-layer flag (GradientCheckpointingLayer)
+        layer.gradient_checkpointing = False
     kept = len(layers) - count
     logger.info("activation checkpointing on %d decoder layers%s", count,
                 f"; the last {kept} keep their activations" if kept else "")

@@ -57,3 +57,15 @@ def test_the_last_layers_keep_their_activations_and_the_gradients_stay_the_same(
 def test_more_layers_than_the_model_has_are_refused():
     with pytest.raises(ValueError, match="checkpointed_layers=5 but the model has 4"):
         _trained_model(True, 5)
+
+
+def test_layers_without_transformers_per_layer_switch_are_refused():
+    """A decoder layer outside GradientCheckpointingLayer would ignore the flag: every layer would recompute."""
+    from torch import nn
+
+    from qfsdp.shard import enable_checkpointing
+
+    model = _trained_model(False, None)
+    plain = [nn.Linear(2, 2) for _ in range(4)]
+    with pytest.raises(ValueError, match="has no per-layer checkpointing switch"):
+        enable_checkpointing(model, plain, 2)
