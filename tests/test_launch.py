@@ -96,18 +96,6 @@ def test_finished_run_is_never_overwritten(demo):
 
 
 @pytest.mark.slow
-def test_two_processes_offload_compile(tmp_path):
-    run_dir = tmp_path / "run"
-    result = launch("world_size=2", "fsdp2=offload", "compile=true", "profile=true", "trainer.max_steps=5",
-                    f"hydra.run.dir={run_dir}")
-    assert_finished_run(run_dir, world_size=2, steps=5)
-    assert "results in" in result.stdout
-    # profile=true: rank 0 profiled optimizer steps 4-5
-    profile = (run_dir / "profile.txt").read_text()
-    assert profile.startswith("optimizer steps 4-5: wall") and "aten::mm" in profile
-
-
-@pytest.mark.slow
 def test_host_memory_while_loading_on_two_processes(shared_runs):
     """summary.json holds both ranks' host memory peaks while loading and their node's sums; rank 0 logs the
     node's line in launch.log."""
@@ -122,13 +110,18 @@ def test_host_memory_while_loading_on_two_processes(shared_runs):
 
 @pytest.mark.slow
 def test_torchrun_shares_one_run_dir(tmp_path):
+    """Under torchrun, 2 processes with offload, compile and the profiler together."""
     result = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                      str(ROOT / "launch.py"), "fsdp2=offload", "compile=true", "trainer.max_steps=3"], cwd=tmp_path)
+                      str(ROOT / "launch.py"), "fsdp2=offload", "compile=true", "profile=true", "trainer.max_steps=5"],
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs  # both ranks in one directory, no per-rank timestamps
-    assert_finished_run(run_dirs[0], world_size=2, steps=3)
+    assert_finished_run(run_dirs[0], world_size=2, steps=5)
     assert result.stdout.count("results in") == 1  # rank 0 alone reports
+    # profile=true: rank 0 profiled optimizer steps 4-5
+    profile = (run_dirs[0] / "profile.txt").read_text()
+    assert profile.startswith("optimizer steps 4-5: wall") and "aten::mm" in profile
 
 
 @pytest.mark.slow
