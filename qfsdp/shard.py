@@ -63,7 +63,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device,
     _record_training_device(model, device)
     draw = _drawing(model, device)
     if mesh is None:
-        _place_unsharded(model, layers, device, param_dtype, compile, deterministic, draw, fused_norms)
+        _place_unsharded(model, layers, device, param_dtype, compile, fsdp2.activation_checkpointing, deterministic,
+                         draw, fused_norms)
         _check_all_drawn(model)
         return model
 
@@ -91,7 +92,7 @@ def enable_checkpointing(model: nn.Module, layers: list[nn.Module], count: int |
     The last layers keep their activations: backward reaches them first and frees them before any recompute."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     count = len(layers) if count is None else count
-    if count > len(layers):
+    if not 0 <= count <= len(layers):
         raise ValueError(f"fsdp2.checkpointed_layers={count} but the model has {len(layers)} decoder layers")
     if count < len(layers) and not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
         raise ValueError(f"fsdp2.checkpointed_layers={count}: {type(layers[0]).__name__} has no per-layer "
@@ -103,9 +104,10 @@ def enable_checkpointing(model: nn.Module, layers: list[nn.Module], count: int |
                 f"; the last {kept} keep their activations" if kept else "")
 
 
-def is_checkpointed(layer: nn.Module) -> bool:
-    """Whether transformers recomputes this decoder layer's activations in backward."""
-    return bool(getattr(layer, "gradient_checkpointing", False))
+def is_checkpointed(layer: nn.Module, enabled: bool) -> bool:
+    """Whether this decoder layer's activations are recomputed in backward: its own flag, or for layers without one
+    (checkpointed by the model around each layer) whether checkpointing is `enabled` at all."""
+    return layer.gradient_checkpointing if isinstance(layer, GradientCheckpointingLayer) else enabled
 
 
 def _drawing(model: nn.Module, device: torch.device) -> Callable[[nn.Module], None]:
@@ -138,8 +140,8 @@ def _record_training_device(model: nn.Module, device: torch.device) -> None:
 
 
 def _place_unsharded(model: nn.Module, layers: list[nn.Module], device: torch.device, param_dtype: torch.dtype,
-                     compile: bool, deterministic: bool, draw: Callable[[nn.Module], None],
-                     fused_norms: bool = False) -> nn.Module:
+                     compile: bool, checkpointing: bool, deterministic: bool,
+                     draw: Callable[[nn.Module], None], fused_norms: bool = False) -> nn.Module:
     # bitsandbytes' own Params4bit as they are: an NF4Weight would only add Python dispatch.
     for layer in layers:  # random weights: one layer in full precision at a time
         draw(layer)
@@ -151,7 +153,7 @@ def _place_unsharded(model: nn.Module, layers: list[nn.Module], device: torch.de
     for m in _linears_4bit(model):
         keep_portable_cpu_kernels(m)
     for layer in layers if compile else []:
-        compile_layer(layer, is_checkpointed(layer), deterministic, fused_norms)
+        compile_layer(layer, is_checkpointed(layer, checkpointing), deterministic, fused_norms)
     logger.info("unsharded on %s%s", device, ", decoder layers compiled" if compile else "")
     return model
 
@@ -167,7 +169,7 @@ def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2
             layer.to(place.device)
             _prepare_4bit(layer, place.manage_frozen)
             if compile:
-                compile_layer(layer, is_checkpointed(layer), deterministic, fused_norms)
+                compile_layer(layer, is_checkpointed(layer, fsdp2.activation_checkpointing), deterministic, fused_norms)
         frozen = [p for layer in unit for p in _frozen(layer)]
         trained = [m for layer in unit for m in _trained_modules(layer)]
         # The last unit is gathered again at once for backward: keep it. So is a unit holding only LoRA weights

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 
-def _trained_model(checkpointing: bool, count: int | None):
+def _trained_model(checkpointing: bool, count: int | None, compile: bool = False):
     from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
     from qfsdp.model import attach_lora, load_model, make_trainable_fp32
     from qfsdp.shard import parallelize
@@ -16,7 +16,7 @@ def _trained_model(checkpointing: bool, count: int | None):
     make_trainable_fp32(model)
     parallelize(model, None, torch.device("cpu"),
                 FSDP2Config(activation_checkpointing=checkpointing, checkpointed_layers=count),
-                param_dtype=torch.float32)
+                param_dtype=torch.float32, compile=compile)
     return model.train()
 
 
@@ -37,7 +37,7 @@ def test_the_last_layers_keep_their_activations_and_the_gradients_stay_the_same(
     for name, checkpointing, count in (("all", True, None), ("first 2", True, 2), ("none of 4", True, 0),
                                        ("off", False, None)):
         model = _trained_model(checkpointing, count)
-        flags = [is_checkpointed(layer) for layer in decoder_layers(model)]
+        flags = [is_checkpointed(layer, checkpointing) for layer in decoder_layers(model)]
         runs[name] = (*_saved_bytes_and_grads(model), flags)
     assert runs["all"][2] == [True] * 4 and runs["first 2"][2] == [True, True, False, False]
     assert runs["none of 4"][2] == runs["off"][2] == [False] * 4
@@ -69,3 +69,13 @@ def test_layers_without_transformers_per_layer_switch_are_refused():
     plain = [nn.Linear(2, 2) for _ in range(4)]
     with pytest.raises(ValueError, match="has no per-layer checkpointing switch"):
         enable_checkpointing(model, plain, 2)
+
+
+def test_compile_follows_each_layers_checkpointing(monkeypatch):
+    """Checkpointed layers are compiled by parts inside their checkpoint, the others whole (shard.compile_layer)."""
+    from qfsdp import shard
+
+    seen = []
+    monkeypatch.setattr(shard, "compile_layer", lambda layer, checkpointed, *a, **k: seen.append(checkpointed))
+    _trained_model(True, 1, compile=True)
+    assert seen == [True, False, False, False]
