@@ -83,9 +83,10 @@ class FSDP2Config:
     offload: bool = False
     # Recompute each decoder layer's activations in backward (much less memory, ~1/3 more compute).
     activation_checkpointing: bool = True
-    # With checkpointing: how many decoder layers recompute, from the first (null = all). The rest keep their
-    # activations: no recompute for them, for their memory (0.88 GiB a layer for 8B at micro batch 4 x 2048 tokens).
-    checkpointed_layers: int | None = None
+    # With checkpointing: how many decoder layers recompute, from the first: "auto" = as many as this GPU's memory
+    # (or gpu_memory_limit_gib) needs, the rest keep their activations and skip the recompute (qfsdp/activations.py;
+    # every layer on CPU); "all"; or a number (0.88 GiB a layer for 8B at micro batch 4 x 2048 tokens, compiled).
+    checkpointed_layers: Any = "auto"
     # HSDP replica groups: 1 = shard across all processes; R > 1 = shard within groups of world_size / R processes,
     # replicate across them (R = nodes: only the gradient all-reduce crosses nodes).
     replicate: int = 1

@@ -87,11 +87,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device,
     return model
 
 
-def enable_checkpointing(model: nn.Module, layers: list[nn.Module], count: int | None) -> None:
-    """Activation checkpointing through transformers' own switch, on the first `count` decoder layers (None: all).
-    The last layers keep their activations: backward reaches them first and frees them before any recompute."""
+def enable_checkpointing(model: nn.Module, layers: list[nn.Module], count: int | str | None) -> None:
+    """Activation checkpointing through transformers' own switch, on the first `count` decoder layers (None, "all",
+    or "auto" left unresolved: all; the worker resolves "auto", qfsdp/activations.py). The last layers keep their
+    activations: backward reaches them first and frees them before any recompute."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    count = len(layers) if count is None else count
+    count = len(layers) if count in (None, "all", "auto") else count
     if not 0 <= count <= len(layers):
         raise ValueError(f"fsdp2.checkpointed_layers={count} but the model has {len(layers)} decoder layers")
     if count < len(layers) and not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):

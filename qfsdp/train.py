@@ -5,7 +5,9 @@ Model setup, in order:
    kernels if asked (`kernels`);
 2. attach LoRA with the same seed on every rank, and check the init is identical;
 3. build the SFTTrainer (it tokenizes the data), then keep LoRA weights float32;
-4. parallelize (shard.py): activation checkpointing, then unit by unit onto the device, quantized and sharded;
+4. parallelize (shard.py): activation checkpointing (on as many layers as `fsdp2.checkpointed_layers` says, `auto`
+   deciding from the GPU's memory before loading: activations.py), then unit by unit onto the device, quantized and
+   sharded;
 5. train; rank 0 writes metrics, the adapter, summary.json and loss.png.
 """
 
@@ -20,6 +22,7 @@ from transformers.distributed.configuration_utils import DistributedConfig
 from trl import SFTConfig, SFTTrainer
 
 from qfsdp import artifacts, checkpoint
+from qfsdp.activations import resolve_checkpointed_layers
 from qfsdp.config import OWNED_TRAINER_FIELDS, compile_enabled
 from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
@@ -79,7 +82,9 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     if raw is not None:
         check_loaded(raw, cfg, tokenizer)
     dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
-    reset_peak_memory(d.device)
+    fsdp2 = OmegaConf.to_object(cfg.fsdp2)
+    fsdp2.checkpointed_layers = checkpointed_layers(cfg, d, run_dir)
+    reset_peak_memory(d.device)  # after the plan's one-layer probe
     host_memory = LoadHostMemory()
     model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune, seed=cfg.seed)
     apply_kernels(model, cfg.kernels)
@@ -105,7 +110,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
     compiled = compile_enabled(cfg, d.device.type)
-    parallelize(model, mesh, d.device, OmegaConf.to_object(cfg.fsdp2), param_dtype=dtype, compile=compiled,
+    parallelize(model, mesh, d.device, fsdp2, param_dtype=dtype, compile=compiled,
                 deterministic=cfg.deterministic, fused_norms=getattr(cfg.kernels, "value", cfg.kernels) == "liger")
     # Loading ends once the model is on the device, quantized and sharded (see shard.py).
     load_memory = memory_stats(d.device)
@@ -122,10 +127,26 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         callback, d, quantized_bytes_per_rank=qbytes, load_memory=load_memory, load_host_memory=load_host_memory,
         wall_time_s=time.perf_counter() - start, output=output,
     )
+    # null: every layer (or checkpointing off, fsdp2.activation_checkpointing)
+    summary["checkpointed_layers"] = fsdp2.checkpointed_layers
     if d.is_main:
         artifacts.plot_loss(run_dir, callback.rows, callback.eval_rows)
         artifacts.write_summary(run_dir, summary)
     return summary, model
+
+
+def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path) -> int | None:
+    """How many decoder layers recompute (None: all); with `auto` on GPUs, the fewest of all ranks' plans, so every
+    rank runs the same layers the same way."""
+    count, plan = resolve_checkpointed_layers(cfg, d.device, d.world_size)
+    if plan is None:
+        return count
+    torch.cuda.empty_cache()  # the probe's layer
+    count = min(all_gather_object(count))
+    if d.is_main:
+        append_to_run_log(run_dir, plan.describe() if count == plan.checkpointed else
+                          f"{plan.describe()}; another rank needs {count} to recompute")
+    return count
 
 
 def resume_point(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[Path | None, list[dict]]:

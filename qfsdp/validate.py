@@ -153,11 +153,13 @@ def _check_parallelism(cfg: DictConfig, world_size: int) -> None:
 
 def _check_checkpointed_layers(cfg: DictConfig) -> None:
     count = cfg.fsdp2.checkpointed_layers
-    if count is None:
+    if count in ("auto", "all", None):  # null: all, as before "auto" existed
         return
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ConfigError(f"fsdp2.checkpointed_layers={count} must be auto, all or a number of decoder layers")
     if not cfg.fsdp2.activation_checkpointing:
         raise ConfigError(f"fsdp2.checkpointed_layers={count} needs fsdp2.activation_checkpointing=true "
-                          f"(or leave it null)")
+                          f"(or leave it auto)")
     from qfsdp.model import load_config
 
     try:
@@ -166,7 +168,7 @@ def _check_checkpointed_layers(cfg: DictConfig) -> None:
         layers = None
     if count < 0 or (layers is not None and count > layers):
         raise ConfigError(f"fsdp2.checkpointed_layers={count} must be from 0 to the model's {layers or 'number of'} "
-                          f"decoder layers (null = all)")
+                          f"decoder layers (or auto, or all)")
 
 
 def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:

@@ -88,7 +88,7 @@ def test_training_imports_nothing_from_the_bench():
 
 NEW_ROWS = ["qfsdp-1-lognormal", "qfsdp-1-pack", "stock-1-lognormal", "stock-1-noac", "qfsdp-1-noac-compile",
             "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det",
-            "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16"]
+            "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16", "qfsdp-1-compile-auto", "qfsdp-1-compile-auto24"]
 
 
 def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
@@ -113,6 +113,11 @@ def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
     assert [cfgs[n].kernels.value for n in NEW_ROWS if "liger" in n] == ["liger"] * 4
     assert cfgs["qfsdp-1-liger-compile-det"].compile and cfgs["qfsdp-1-liger-compile-det"].deterministic
     assert [cfgs[n].fsdp2.checkpointed_layers for n in ("qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16")] == [24, 16]
+    # The preset recomputes every layer (the rows' history); the -auto rows are what a user gets by default.
+    assert cfgs["qfsdp-1-liger"].fsdp2.checkpointed_layers == "all"
+    auto, auto24 = cfgs["qfsdp-1-compile-auto"], cfgs["qfsdp-1-compile-auto24"]
+    assert auto.fsdp2.checkpointed_layers == auto24.fsdp2.checkpointed_layers == "auto" and auto.compile
+    assert auto.gpu_memory_limit_gib is None and auto24.gpu_memory_limit_gib == 24
 
 
 def test_stock_recipe_trains_on_qfsdps_lognormal_rows():
@@ -221,6 +226,21 @@ def test_liger_parity_checks_and_the_table():
                                     "warmup_steps": 3}, [])
     assert "| load host GiB (RSS / own, per node) |" in text
     assert "| 9.60 | 33.0 / 4.5 | 9.60 / 10.10 |" in text and "| 9.60 | - | 9.60 / 10.10 |" in text
+
+
+def test_auto_checkpointing_checks():
+    faster = "auto checkpointing: qfsdp-1-compile-auto faster than qfsdp-1-compile (every layer recomputing)"
+    capped = ("auto checkpointing under gpu_memory_limit_gib=24: qfsdp-1-compile-auto24 peaks < 24 GiB (load and "
+              "train, reserved) and is faster than qfsdp-1-compile")
+    full = _result("qfsdp-1-compile", 10000, peak=10.2)
+    auto24 = _result("qfsdp-1-compile-auto24", 10600, peak=16.0)
+    auto24["summary"]["checkpointed_layers"] = 25
+    got = _checks(full, _result("qfsdp-1-compile-auto", 14400, peak=41.3), auto24)
+    assert got[faster][0] is True and "1.44x" in got[faster][1]
+    assert got[capped][0] is True and "25 layers recompute" in got[capped][1] and "train [16.50]" in got[capped][1]
+    assert _checks(full, _result("qfsdp-1-compile-auto24", 10600, peak=23.6))[capped][0] is False  # 24.1 reserved
+    assert _checks(full, _result("qfsdp-1-compile-auto", 9900))[faster][0] is False
+    assert _checks(full)[faster][0] is None
 
 
 def test_kaggle_recipe_checks_speed_and_parity_against_the_offload_recipe():

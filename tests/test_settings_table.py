@@ -56,6 +56,7 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("fsdp2.checkpointed_layers=3", (), "must be from 0 to the model's 2 decoder layers"),
     ("fsdp2.checkpointed_layers=1", ("fsdp2.activation_checkpointing=false",),
      "needs fsdp2.activation_checkpointing=true"),
+    ("fsdp2.checkpointed_layers=most", (), "must be auto, all or a number of decoder layers"),
     # precision
     ("precision.dtype=float8", (), "precision.dtype=float8 is not one of"),
     ("precision.loss_scaling=true", (), "use precision=fp16"),

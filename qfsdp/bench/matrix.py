@@ -30,7 +30,9 @@ PRESETS = {
     "llama8b": ["model=llama3_1_8b", "model.random_init=true", "model.random_checkpoint=true", "dataset=synthetic", "dataset.seq_length=2048",
                 "dataset.num_samples=512", "trainer.max_length=2048", "trainer.global_batch_size=16",
                 "trainer.per_device_train_batch_size=4", "trainer.max_steps=20", "lora.r=16",
-                "compile=false"],  # rows are eager unless named -compile (compile's GPU default is on)
+                "compile=false", "fsdp2.checkpointed_layers=all"],
+    # rows are eager unless named -compile (compile's GPU default is on), and every layer recomputes unless a row
+    # says otherwise (the GPU default, auto, keeps as many layers' activations as fit: the -auto rows)
     # The same matrix on the tiny model, for CPU tests.
     "tiny": ["dataset=synthetic", "dataset.seq_length=64", "trainer.global_batch_size=8",
              "trainer.per_device_train_batch_size=2", "trainer.max_steps=5"],
@@ -74,6 +76,10 @@ ROWS = {
     # qfsdp-1-compile (all 32 recompute) and qfsdp-1-noac-compile (none) on the throughput-memory frontier.
     "qfsdp-1-compile-ckpt24": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=24", "compile=true")),
     "qfsdp-1-compile-ckpt16": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=16", "compile=true")),
+    # What a user who writes nothing gets on a GPU (compile, checkpointed_layers=auto), and the same on a 24 GiB card.
+    "qfsdp-1-compile-auto": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=auto", "compile=true")),
+    "qfsdp-1-compile-auto24": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=auto", "compile=true",
+                                               "gpu_memory_limit_gib=24")),
     "qfsdp-1-liger": Row("qfsdp", 1, LIGER),
     "qfsdp-1-liger-compile": Row("qfsdp", 1, (*LIGER, "compile=true")),
     "qfsdp-1-lognormal": Row("qfsdp", 1, LOGNORMAL),

@@ -145,6 +145,17 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
           lambda a, b: (_mem(b, "memory", "peak_allocated_gib")[0] <= 1.05 * _mem(a, "memory", "peak_allocated_gib")[0],
                         f"{_fmt(_mem(b, 'memory', 'peak_allocated_gib'))} vs "
                         f"{_fmt(_mem(a, 'memory', 'peak_allocated_gib'))} GiB"))
+    # checkpointed_layers=auto (the GPU default): faster than every layer recomputing, and within its cap.
+    check("auto checkpointing: qfsdp-1-compile-auto faster than qfsdp-1-compile (every layer recomputing)",
+          ["qfsdp-1-compile", "qfsdp-1-compile-auto"], lambda a, b: at_least_as_fast(b, a))
+    check("auto checkpointing under gpu_memory_limit_gib=24: qfsdp-1-compile-auto24 peaks < 24 GiB (load and train, "
+          "reserved) and is faster than qfsdp-1-compile", ["qfsdp-1-compile", "qfsdp-1-compile-auto24"],
+          lambda a, b: (max(_mem(b, "memory", "peak_reserved_gib") + _mem(b, "load_memory", "peak_reserved_gib")) < 24
+                        and b["tokens_per_second"] >= a["tokens_per_second"],
+                        f"train {_fmt(_mem(b, 'memory', 'peak_reserved_gib'))}, load "
+                        f"{_fmt(_mem(b, 'load_memory', 'peak_reserved_gib'))} GiB reserved, "
+                        f"{b['summary'].get('checkpointed_layers')} layers recompute; "
+                        + at_least_as_fast(b, a)[1]))
     out += speed_targets(r)
     # Log-normal lengths: tokens/s count real tokens only, so padding costs what it costs (metrics.TokenCounter).
     check("packing: qfsdp-1-pack real tokens/s >= 1.5 x qfsdp-1-lognormal", ["qfsdp-1-lognormal", "qfsdp-1-pack"],

@@ -1,0 +1,154 @@
+"""`fsdp2.checkpointed_layers=auto`: how many decoder layers recompute their activations in backward.
+
+Recompute is about a third of a checkpointed step's compute (8B on an H100: 1.43x faster without it) and each layer
+that skips it keeps its activations instead. `auto` (the default) lets as many of the last layers keep them as the
+GPU's memory, or `gpu_memory_limit_gib`, holds, decided before any weight loads:
+
+    peak, every layer checkpointed = weights, LoRA weights, their gradients and AdamW state on this GPU
+                                     + every layer's checkpointed input + one layer's activations (its recompute)
+                                     + transients (a dequantized weight and its neighbour, a few hidden-state copies)
+    each layer that keeps its activations adds them, less the input checkpointing would have kept
+
+One layer's activations are measured, not estimated: a one-layer copy of the model runs its forward on the run's device
+and the bytes autograd saves are counted (`saved_bytes_per_token`). It runs eager; torch.compile and fused kernels
+save less, so the count errs on the safe side. On CPU there is no device memory to plan for: every layer recomputes.
+docs/design.md, "Activation checkpointing", has the measurements the arithmetic was checked against.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+# Of the GPU's memory (or cap): the caching allocator reserves ~10% above what it hands out (10.24 allocated,
+# 11.13 reserved for 8B on an H100), and the CUDA context and NCCL's buffers sit outside it.
+RESERVED_SLACK = 0.9
+OUTSIDE_ALLOCATOR = 1 * GIB
+PROBE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What `auto` chose, with the numbers it chose by (bytes)."""
+
+    layers: int
+    checkpointed: int  # the first `checkpointed` layers recompute; the rest keep their activations
+    budget: float  # what this GPU may hold (its memory or cap, less the slack above)
+    fixed: float  # the predicted peak with every layer recomputing
+    peak: float  # the predicted peak with `checkpointed` layers recomputing
+    layer: float  # one layer's activations at the run's micro batch
+    layer_input: float  # what checkpointing keeps of a layer instead
+
+    def describe(self) -> str:
+        kept = self.layers - self.checkpointed
+        return (f"fsdp2.checkpointed_layers=auto: {self.checkpointed} of {self.layers} decoder layers recompute, "
+                f"{kept} keep their activations ({self.layer / GIB:.2f} GiB a layer, measured eager); predicted peak "
+                f"{self.peak / GIB:.1f} of {self.budget / GIB:.1f} GiB")
+
+
+def checkpointed_count(layers: int, fixed: float, layer: float, layer_input: float, budget: float) -> int:
+    """How many of `layers` must recompute so that `fixed` (the peak with all of them recomputing) plus what each
+    other layer adds (`layer - layer_input`) stays within `budget`."""
+    extra = max(layer - layer_input, 1.0)
+    kept = max(0, min(layers, math.floor((budget - fixed) / extra)))
+    return layers - kept
+
+
+def saved_bytes_per_token(config, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa",
+                          tokens: int = PROBE_TOKENS) -> float:
+    """Bytes autograd keeps for backward per token of one decoder layer of `config`'s architecture: a one-layer copy
+    of the model (weights uninitialized, embedding left unallocated) runs its forward on `device` and every tensor
+    saved inside the layer is counted once (by storage), weights excluded."""
+    from transformers import AutoModelForCausalLM
+
+    from qfsdp.model import decoder_layers
+
+    one = copy.deepcopy(config)
+    text = one.get_text_config()
+    text.num_hidden_layers = 1
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:1]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(one, attn_implementation=attn_implementation)
+    model.to(dtype)
+    decoder = model.get_decoder()
+    embedding = model.get_input_embeddings()
+    for child in decoder.children():
+        if child is not embedding:
+            child.to_empty(device=device)
+    layer = decoder_layers(model)[0]
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: dict[int, int] = {}
+    inside = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if inside and storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    pre = layer.register_forward_pre_hook(lambda *_: inside.append(True))
+    post = layer.register_forward_hook(lambda *_: inside.clear())
+    try:
+        x = torch.randn(1, tokens, text.hidden_size, dtype=dtype, device=device, requires_grad=True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = decoder(inputs_embeds=x, use_cache=False)
+        del out
+    finally:
+        pre.remove()
+        post.remove()
+    return sum(saved.values()) / tokens
+
+
+def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory: float,
+                       lora_trained: int | None = None) -> CheckpointPlan:
+    """`auto`'s choice for this run on a GPU of `total_memory` bytes, one layer probed on `device`: see the module
+    docstring."""
+    from qfsdp.model import load_config
+    from qfsdp.validate import memory_need
+
+    config = load_config(cfg.model)
+    text = config.get_text_config()
+    dtype = getattr(torch, cfg.precision.dtype)
+    layers = text.num_hidden_layers
+    tokens = cfg.trainer.per_device_train_batch_size * cfg.trainer.max_length
+    layer = saved_bytes_per_token(config, dtype, device, cfg.model.attn_implementation) * tokens
+    layer_input = tokens * text.hidden_size * dtype.itemsize
+    need = memory_need(cfg, world_size, lora_trained)
+    if cfg.fsdp2.offload:  # frozen shards live in CPU memory: the GPU holds two layers gathered, and the head in use
+        weights = need.unquantized + 2 * (need.packed_4bit + need.quant_stats) / layers + need.trained / need.shard_size
+    else:
+        weights = need.per_gpu
+    widest = max(getattr(text, "intermediate_size", 0) or 0, text.hidden_size) * text.hidden_size * dtype.itemsize
+    transients = 2 * widest + tokens * text.hidden_size * 16
+    fixed = weights + layers * layer_input + layer + transients
+    limit = min(total_memory, cfg.gpu_memory_limit_gib * GIB if cfg.gpu_memory_limit_gib is not None else math.inf)
+    budget = RESERVED_SLACK * limit - OUTSIDE_ALLOCATOR
+    count = checkpointed_count(layers, fixed, layer, layer_input, budget)
+    peak = fixed + (layers - count) * (layer - layer_input)
+    return CheckpointPlan(layers, count, budget, fixed, peak, layer, layer_input)
+
+
+def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int, lora_trained: int | None = None
+                                ) -> tuple[int | None, CheckpointPlan | None]:
+    """The count `shard.enable_checkpointing` gets (None: all layers), and `auto`'s plan where it made one."""
+    value = cfg.fsdp2.checkpointed_layers
+    if not cfg.fsdp2.activation_checkpointing or value in (None, "all"):
+        return None, None
+    if value != "auto":
+        return int(value), None
+    if device.type != "cuda" or cfg.trainer.max_length is None:
+        logger.info("fsdp2.checkpointed_layers=auto: every decoder layer recomputes (%s)",
+                    "no GPU memory to plan for" if device.type != "cuda" else "trainer.max_length=null: no row length")
+        return None, None
+    plan = plan_checkpointing(cfg, device, world_size, torch.cuda.get_device_properties(device).total_memory,
+                              lora_trained)
+    logger.info(plan.describe())
+    return plan.checkpointed, plan

@@ -1,0 +1,116 @@
+"""fsdp2.checkpointed_layers=auto (qfsdp/activations.py): one layer's activations measured on a one-layer copy of the
+model, and the arithmetic that turns them into a count of layers, checked against peaks measured on GPUs."""
+
+import pytest
+import torch
+
+from qfsdp.activations import GIB, checkpointed_count, plan_checkpointing, resolve_checkpointed_layers, \
+    saved_bytes_per_token
+from qfsdp.config import ModelConfig, compose_config
+from qfsdp.model import load_config
+
+CPU = torch.device("cpu")
+
+
+def _graph_saved_bytes(out: torch.Tensor, stop: torch.Tensor, weights: set[int]) -> int:
+    """What autograd's graph from `out` back to `stop` holds for backward, read from the nodes' `_saved_*`
+    attributes (not through saved-tensor hooks, as the probe does), each storage once, weights excluded."""
+    seen, storages, todo = set(), {}, [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            value = getattr(node, name) if name.startswith("_saved_") else None
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        todo += [nxt for nxt, _ in node.next_functions if nxt is not None and getattr(nxt, "variable", None) is not stop]
+    return sum(storages.values())
+
+
+def test_the_probe_counts_what_the_layers_graph_holds():
+    from transformers import AutoModelForCausalLM
+
+    from qfsdp.model import decoder_layers
+
+    config = load_config(ModelConfig(path="tiny", random_init=True))
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
+    layer = decoder_layers(model)[0]
+    outputs = []
+    layer.register_forward_hook(lambda m, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    x = torch.randn(1, 48, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    model.get_decoder()(inputs_embeds=x, use_cache=False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held = _graph_saved_bytes(outputs[0], x, weights)
+    assert held > 10 * 48 * config.hidden_size * 2  # activations of a dozen hidden-sized tensors at least
+    assert saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=48) == held / 48
+
+
+def test_the_probe_is_per_token_and_leaves_the_weights_out():
+    config = load_config(ModelConfig(path="x", random_init=True, architecture="llama3_1_8b"))
+    a, b = (saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=t) for t in (16, 64))
+    assert a == b
+    # One layer's weights are 218M bf16 values: counted once, even at 64 tokens they would be 6.8 MB a token.
+    assert 20 * 4096 * 2 < a < 40 * 4096 * 2
+    # 8B at micro batch 4 x 2048 tokens on GPUs: 1.42 GiB a layer eager (4 x H200, 2026-11-21: qfsdp-1-noac 29.00
+    # against qfsdp-1 8.03 GiB at micro batch 2, 31 layers' activations less 32 layer inputs), 0.88 compiled
+    # (1 x H100, 2026-12-07). The probe (eager, here CPU attention) must not count less, nor much more.
+    assert 1.42 <= a * 8192 / GIB <= 1.25 * 1.42
+
+
+def _preset(*extra):
+    from qfsdp.bench.matrix import PRESETS
+
+    return compose_config([*PRESETS["llama8b"], "fsdp2.checkpointed_layers=auto", *extra])
+
+
+H100 = 79.1 * GIB  # total_memory of an H100 80GB HBM3
+
+
+def test_8b_on_an_h100_keeps_every_layer_and_predicts_the_measured_peaks():
+    plan = plan_checkpointing(_preset(), CPU, 1, H100)
+    assert plan.layers == 32 and plan.checkpointed == 0 and plan.peak <= plan.budget
+    # Measured, micro batch 4: every layer recomputing 9.99 GiB (eager, 2 x H200, d7acd58) and 10.24 (compiled,
+    # H100); none, eager, the stock recipe 51.41 (H100). The prediction must not be lower, nor far above.
+    assert 9.99 <= plan.fixed / GIB <= 1.1 * 10.24
+    assert 51.41 <= plan.peak / GIB <= 1.2 * 51.41
+
+
+def test_a_24_gib_cap_keeps_as_many_layers_as_fit():
+    plan = plan_checkpointing(_preset("gpu_memory_limit_gib=24"), CPU, 1, H100)
+    assert 0 < plan.checkpointed < 32
+    assert plan.peak <= plan.budget < plan.peak + (plan.layer - plan.layer_input)  # one more layer would not fit
+    assert plan.budget == pytest.approx(0.9 * 24 * GIB - GIB)
+    # Two GPUs hold half the weights each: room for more layers' activations.
+    assert plan_checkpointing(_preset("gpu_memory_limit_gib=24"), CPU, 2, H100).checkpointed < plan.checkpointed
+    # A GPU that holds the weights and little else: every layer recomputes.
+    assert plan_checkpointing(_preset("gpu_memory_limit_gib=11"), CPU, 1, H100).checkpointed == 32
+
+
+def test_70b_predictions_are_not_below_the_measured_peaks():
+    # 1 x H100, 2026-12-07, micro batch 2, every layer recomputing: 12.69 GiB with fsdp2=offload under a 24 GiB cap,
+    # 47.55 resident (docs/benchmarks/2026-12-07-h100/cc72490-70b-*.txt).
+    base = ["model=llama3_1_70b", "model.random_init=true", "dataset=synthetic", "trainer.max_length=2048",
+            "trainer.per_device_train_batch_size=2", "fsdp2.checkpointed_layers=auto"]
+    offload = plan_checkpointing(compose_config([*base, "fsdp2=offload", "gpu_memory_limit_gib=24"]), CPU, 1, H100)
+    assert 12.69 <= offload.fixed / GIB <= 1.3 * 12.69 and offload.peak <= offload.budget
+    resident = plan_checkpointing(compose_config(base), CPU, 1, H100)
+    assert 47.55 <= resident.fixed / GIB <= 1.1 * 47.55 and resident.checkpointed < 80
+
+
+def test_the_count_arithmetic():
+    assert checkpointed_count(32, fixed=10, layer=2, layer_input=1, budget=9) == 32
+    assert checkpointed_count(32, fixed=10, layer=2, layer_input=1, budget=15.5) == 27
+    assert checkpointed_count(32, fixed=10, layer=2, layer_input=1, budget=100) == 0
+
+
+@pytest.mark.parametrize("value, expected", [("all", None), (None, None), (3, 3), ("auto", None)])
+def test_what_reaches_the_model_on_cpu(value, expected):
+    cfg = compose_config([f"fsdp2.checkpointed_layers={'null' if value is None else value}"])
+    assert resolve_checkpointed_layers(cfg, CPU, 1) == (expected, None)  # auto: every layer on CPU
+    off = compose_config(["fsdp2.activation_checkpointing=false"])
+    assert resolve_checkpointed_layers(off, CPU, 1) == (None, None)
