@@ -136,13 +136,13 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
 
 def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path) -> int | None:
-    """How many decoder layers recompute (None: all); with `auto` on GPUs, the fewest of all ranks' plans, so every
-    rank runs the same layers the same way."""
+    """How many decoder layers recompute (None: all); with `auto` on GPUs, the most any rank's plan needs (the GPU
+    with the least room decides), so every rank runs the same layers the same way."""
     count, plan = resolve_checkpointed_layers(cfg, d.device, d.world_size)
     if plan is None:
         return count
     torch.cuda.empty_cache()  # the probe's layer
-    count = min(all_gather_object(count))
+    count = max(all_gather_object(count))
     if d.is_main:
         append_to_run_log(run_dir, plan.describe() if count == plan.checkpointed else
                           f"{plan.describe()}; another rank needs {count} to recompute")

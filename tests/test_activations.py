@@ -114,3 +114,16 @@ def test_what_reaches_the_model_on_cpu(value, expected):
     assert resolve_checkpointed_layers(cfg, CPU, 1) == (expected, None)  # auto: every layer on CPU
     off = compose_config(["fsdp2.activation_checkpointing=false"])
     assert resolve_checkpointed_layers(off, CPU, 1) == (None, None)
+
+
+def test_every_rank_takes_the_plan_of_the_gpu_with_the_least_room(monkeypatch, tmp_path):
+    from qfsdp import train
+    from qfsdp.activations import CheckpointPlan
+    from qfsdp.distributed import Dist
+
+    plan = CheckpointPlan(layers=32, checkpointed=25, budget=20 * GIB, fixed=10 * GIB, peak=19 * GIB, layer=1.5 * GIB,
+                          layer_input=0.06 * GIB)
+    monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size: (25, plan))
+    monkeypatch.setattr(train, "all_gather_object", lambda count: [count, 28, 27])  # a rank with less room: 28
+    d = Dist(rank=0, world_size=3, local_rank=0, device=CPU)
+    assert train.checkpointed_layers(compose_config([]), d, tmp_path) == 28
