@@ -148,7 +148,12 @@ def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int, lora
         logger.info("fsdp2.checkpointed_layers=auto: every decoder layer recomputes (%s)",
                     "no GPU memory to plan for" if device.type != "cuda" else "trainer.max_length=null: no row length")
         return None, None
-    plan = plan_checkpointing(cfg, device, world_size, torch.cuda.get_device_properties(device).total_memory,
-                              lora_trained)
+    try:
+        plan = plan_checkpointing(cfg, device, world_size, torch.cuda.get_device_properties(device).total_memory,
+                                  lora_trained)
+    except Exception as e:  # an architecture the one-layer probe cannot build: the safe choice, said out loud
+        logger.warning("fsdp2.checkpointed_layers=auto: every decoder layer recomputes, no plan could be made (%s: %s)",
+                       type(e).__name__, e)
+        return None, None
     logger.info(plan.describe())
     return plan.checkpointed, plan

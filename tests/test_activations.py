@@ -127,3 +127,11 @@ def test_every_rank_takes_the_plan_of_the_gpu_with_the_least_room(monkeypatch, t
     monkeypatch.setattr(train, "all_gather_object", lambda count: [count, 28, 27])  # a rank with less room: 28
     d = Dist(rank=0, world_size=3, local_rank=0, device=CPU)
     assert train.checkpointed_layers(compose_config([]), d, tmp_path) == 28
+
+
+def test_a_plan_that_cannot_be_made_leaves_every_layer_recomputing(caplog):
+    # A CPU-only torch cannot read a GPU's properties: the plan fails, and the run goes on as with "all".
+    cfg = compose_config(["fsdp2.checkpointed_layers=auto"])
+    with caplog.at_level("WARNING", logger="qfsdp.activations"):
+        assert resolve_checkpointed_layers(cfg, torch.device("cuda", 0), 1) == (None, None)
+    assert "every decoder layer recomputes, no plan could be made" in caplog.text
