@@ -86,24 +86,29 @@ def saved_bytes_per_token(config, dtype: torch.dtype, device: torch.device, attn
     layer = decoder_layers(model)[0]
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved: dict[int, int] = {}
-    inside = []
+    inside, alive = [], []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if inside and storage.data_ptr() not in weights:
             saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
+        # Held here until the forward ends, as autograd would hold it (so no address is reused and counted twice),
+        # but not handed back: no backward runs, and an op's own output handed back would form a reference cycle
+        # through the graph that Python cannot collect, keeping the layer allocated.
+        alive.append(t)
 
     pre = layer.register_forward_pre_hook(lambda *_: inside.append(True))
     post = layer.register_forward_hook(lambda *_: inside.clear())
     try:
         x = torch.randn(1, tokens, text.hidden_size, dtype=dtype, device=device, requires_grad=True)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             out = decoder(inputs_embeds=x, use_cache=False)
         del out
     finally:
         pre.remove()
         post.remove()
+        alive.clear()
+        del model, decoder, embedding, layer
     return sum(saved.values()) / tokens
 
 
