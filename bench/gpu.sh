@@ -25,6 +25,11 @@ for lane in "$@"; do
   [[ $lane == *:* ]] || { echo "bench/gpu.sh: lane '$lane' is not GPUS:ROWS (e.g. 0,1:qfsdp-2,qfsdp-2-det)" >&2; exit 2; }
 done
 stop_at=$(( $(date +%s) + ${BENCH_SECONDS:-540} ))
+# An earlier call on the same host left its rows here: set them aside, or the launcher refuses to run a row again
+# in its finished run directory (and the merged report would read an earlier lane's results).
+for d in /tmp/qfsdp-lanes /tmp/qfsdp-bench-rows; do
+  [ -e "$d" ] && mkdir -p /tmp/qfsdp-earlier-calls && mv "$d" "/tmp/qfsdp-earlier-calls/${d#/tmp/}-$stop_at"
+done
 mkdir -p "$out" /tmp/qfsdp-lanes
 . bench/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

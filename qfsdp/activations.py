@@ -49,7 +49,8 @@ class CheckpointPlan:
     def describe(self) -> str:
         kept = self.layers - self.checkpointed
         return (f"fsdp2.checkpointed_layers=auto: {self.checkpointed} of {self.layers} decoder layers recompute, "
-                f"{kept} keep their activations ({self.layer / GIB:.2f} GiB a layer, measured eager); predicted peak "
+                f"{kept} keep{'s its' if kept == 1 else ' their'} activations ({self.layer / GIB:.2f} GiB a layer, "
+                f"measured eager); predicted peak "
                 f"{self.peak / GIB:.1f} of {self.budget / GIB:.1f} GiB")
 
 

@@ -88,7 +88,8 @@ def test_training_imports_nothing_from_the_bench():
 
 NEW_ROWS = ["qfsdp-1-lognormal", "qfsdp-1-pack", "stock-1-lognormal", "stock-1-noac", "qfsdp-1-noac-compile",
             "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det",
-            "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16", "qfsdp-1-compile-auto", "qfsdp-1-compile-auto24"]
+            "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16", "qfsdp-1-compile-auto", "qfsdp-1-compile-auto24",
+            "kaggle-1-ckptall"]
 
 
 def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
@@ -101,7 +102,7 @@ def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
     preset = PRESETS["llama8b"]
     cfgs = {}
     for name in NEW_ROWS:
-        cfgs[name] = compose_config(row_config(name, preset))
+        cfgs[name] = compose_config([*row_config(name, preset), "world_size=1"])  # as the bench launches them
         assert validate(cfgs[name], Machine(gpus=1)) == ROWS[name].world_size == 1, name
     noac = cfgs["stock-1-noac"]
     assert not noac.fsdp2.activation_checkpointing and noac.trainer.global_batch_size == 16
@@ -118,6 +119,7 @@ def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
     auto, auto24 = cfgs["qfsdp-1-compile-auto"], cfgs["qfsdp-1-compile-auto24"]
     assert auto.fsdp2.checkpointed_layers == auto24.fsdp2.checkpointed_layers == "auto" and auto.compile
     assert auto.gpu_memory_limit_gib is None and auto24.gpu_memory_limit_gib == 24
+    assert cfgs["kaggle-1-ckptall"].fsdp2.checkpointed_layers == "all" and cfgs["kaggle-1-ckptall"].gpu_memory_limit_gib == 15
 
 
 def test_stock_recipe_trains_on_qfsdps_lognormal_rows():
@@ -252,6 +254,12 @@ def test_kaggle_recipe_checks_speed_and_parity_against_the_offload_recipe():
     parity = "kaggle-1 loss curve matches kaggle-offload-1: per-step |dloss| <= 1e-3"
     assert _checks(slow, _result("kaggle-1", 1000, losses=(6.5, 6.4, 6.302)))[parity][0] is False
     assert _checks(slow)[name][0] is None
+    # the recipe's default (auto checkpointing) against every layer recomputing: same losses, speed for the record
+    auto = "kaggle-1 (auto checkpointing) loss curve matches kaggle-1-ckptall (every layer): per-step |dloss| <= 1e-3"
+    got = _checks(_result("kaggle-1", 1200, losses=(6.5, 6.4, 6.3)),
+                  _result("kaggle-1-ckptall", 1000, losses=(6.5, 6.4, 6.3005)))
+    assert got[auto][0] is True
+    assert got["kaggle-1 (auto checkpointing) vs kaggle-1-ckptall (every layer)"] == (None, "1200 vs 1000 tokens/s (1.20x)")
 
 
 # ---- issue 17, target 5: the throughput-memory frontier that leads the report ----

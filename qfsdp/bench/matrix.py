@@ -95,6 +95,8 @@ ROWS = {
     "kaggle-2": Row("qfsdp", 2, KAGGLE, preset=False),
     # kaggle-N-mb2 parts the two changes from the offload recipe: no offload at its micro batch 2
     "kaggle-1-mb2": Row("qfsdp", 1, (*KAGGLE, "trainer.per_device_train_batch_size=2"), preset=False),
+    # The recipe with every layer recomputing, beside its default (checkpointed_layers=auto under the 15 GiB cap).
+    "kaggle-1-ckptall": Row("qfsdp", 1, (*KAGGLE, "fsdp2.checkpointed_layers=all"), preset=False),
     "kaggle-2-mb2": Row("qfsdp", 2, (*KAGGLE, "trainer.per_device_train_batch_size=2"), preset=False),
     "kaggle-offload-1": Row("qfsdp", 1, KAGGLE_OFFLOAD, preset=False),
     "kaggle-offload-2": Row("qfsdp", 2, KAGGLE_OFFLOAD, preset=False),

@@ -73,6 +73,10 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     def dloss_within(bound):
         return lambda a, b: (_max_dloss(a, b) <= bound, dloss_detail(a, b))
 
+    def at_least_as_fast(a, b):
+        ta, tb = a["tokens_per_second"], b["tokens_per_second"]
+        return ta >= tb, f"{ta:.0f} vs {tb:.0f} tokens/s ({ta / tb:.2f}x)"
+
     # Deterministic rows: the differences measured are the configurations', not GPU run-to-run noise.
     for one, many in [("qfsdp-1-det", "qfsdp-2-det"), ("qfsdp-1-det", "qfsdp-4-det")]:
         check(f"loss parity {one} vs {many}: per-step |dloss| <= 1e-3", [one, many], dloss_within(1e-3))
@@ -126,6 +130,11 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                          f"{len(a['losses'])} steps, finite losses"))
     check("kaggle-2 loss curve matches kaggle-1: per-step |dloss| <= 1e-3", ["kaggle-1", "kaggle-2"],
           dloss_within(1e-3))
+    check("kaggle-1 (auto checkpointing) loss curve matches kaggle-1-ckptall (every layer): per-step |dloss| <= 1e-3",
+          ["kaggle-1", "kaggle-1-ckptall"], dloss_within(1e-3))
+    if "kaggle-1" in r and "kaggle-1-ckptall" in r:
+        out.append(("kaggle-1 (auto checkpointing) vs kaggle-1-ckptall (every layer)", None,
+                    at_least_as_fast(r["kaggle-1"], r["kaggle-1-ckptall"])[1]))
     for n in (1, 2):
         check(f"kaggle-{n} loss curve matches kaggle-offload-{n}: per-step |dloss| <= 1e-3",
               [f"kaggle-{n}", f"kaggle-offload-{n}"], dloss_within(1e-3))
@@ -133,10 +142,6 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
               lambda a, b: (a["tokens_per_second"] >= 2 * b["tokens_per_second"],
                             f"{a['tokens_per_second']:.0f} vs {b['tokens_per_second']:.0f} tokens/s "
                             f"({a['tokens_per_second'] / b['tokens_per_second']:.2f}x)"))
-    def at_least_as_fast(a, b):
-        ta, tb = a["tokens_per_second"], b["tokens_per_second"]
-        return ta >= tb, f"{ta:.0f} vs {tb:.0f} tokens/s ({ta / tb:.2f}x)"
-
     check("throughput: qfsdp 1 GPU >= stock recipe 1 GPU", ["qfsdp-1", "stock-1"], at_least_as_fast)
     check("throughput: qfsdp 1 GPU compile=true >= stock recipe 1 GPU", ["qfsdp-1-compile", "stock-1"],
           at_least_as_fast)
