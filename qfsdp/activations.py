@@ -23,15 +23,16 @@ import math
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
-# Of the GPU's memory (or cap): the caching allocator reserves ~10% above what it hands out (10.24 allocated,
+# Of the GPU's memory (or cap): the caching allocator reserves ~9% above what it hands out (10.24 allocated,
 # 11.13 reserved for 8B on an H100), and the CUDA context and NCCL's buffers sit outside it.
 RESERVED_SLACK = 0.9
 OUTSIDE_ALLOCATOR = 1 * GIB
-PROBE_TOKENS = 64
+PROBE_TOKENS = 64  # the probe's row when none is given (tests)
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,12 @@ def checkpointed_count(layers: int, fixed: float, layer: float, layer_input: flo
 
 
 def saved_bytes_per_token(config, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa",
-                          tokens: int = PROBE_TOKENS) -> float:
-    """Bytes autograd keeps for backward per token of one decoder layer of `config`'s architecture: a one-layer copy
-    of the model (weights uninitialized, embedding left unallocated) runs its forward on `device` and every tensor
-    saved inside the layer is counted once (by storage), weights excluded."""
+                          tokens: int = PROBE_TOKENS, autocast: bool = False) -> float:
+    """Bytes autograd keeps for backward per token of one decoder layer of `config`'s architecture, for a row of
+    `tokens` (attention without a fused kernel keeps a row-squared matrix: probe at the run's row length): a one-layer
+    copy of the model (weights uninitialized, embedding left unallocated) runs its forward on `device` and every
+    tensor saved inside the layer is counted once (by storage), weights excluded. `autocast`: under autocast to
+    `dtype`, as Trainer runs fp16 with loss scaling."""
     from transformers import AutoModelForCausalLM
 
     from qfsdp.model import decoder_layers
@@ -85,6 +88,9 @@ def saved_bytes_per_token(config, dtype: torch.dtype, device: torch.device, attn
         if child is not embedding:
             child.to_empty(device=device)
     layer = decoder_layers(model)[0]
+    if not isinstance(layer, GradientCheckpointingLayer):  # auto would have no way to leave it out of checkpointing
+        raise ValueError(f"{type(layer).__name__} has no per-layer checkpointing switch "
+                         f"(transformers' GradientCheckpointingLayer)")
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved: dict[int, int] = {}
     inside, alive = [], []
@@ -102,7 +108,8 @@ def saved_bytes_per_token(config, dtype: torch.dtype, device: torch.device, attn
     post = layer.register_forward_hook(lambda *_: inside.clear())
     try:
         x = torch.randn(1, tokens, text.hidden_size, dtype=dtype, device=device, requires_grad=True)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None), \
+                torch.autocast(device.type, dtype=dtype, enabled=autocast):
             out = decoder(inputs_embeds=x, use_cache=False)
         del out
     finally:
@@ -124,22 +131,43 @@ def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory:
     text = config.get_text_config()
     dtype = getattr(torch, cfg.precision.dtype)
     layers = text.num_hidden_layers
-    tokens = cfg.trainer.per_device_train_batch_size * cfg.trainer.max_length
-    layer = saved_bytes_per_token(config, dtype, device, cfg.model.attn_implementation) * tokens
+    micro_batch, row = cfg.trainer.per_device_train_batch_size, cfg.trainer.max_length
+    tokens = micro_batch * row
+    layer = tokens * saved_bytes_per_token(config, dtype, device, cfg.model.attn_implementation, tokens=row,
+                                           autocast=bool(cfg.precision.loss_scaling))
     layer_input = tokens * text.hidden_size * dtype.itemsize
     need = memory_need(cfg, world_size, lora_trained)
-    if cfg.fsdp2.offload:  # frozen shards live in CPU memory: the GPU holds two layers gathered, and the head in use
-        weights = need.unquantized + 2 * (need.packed_4bit + need.quant_stats) / layers + need.trained / need.shard_size
+    layer_weights = need.sharded_weights / layers  # with the embeddings' share: errs high
+    # FSDP2 gathers a unit and prefetches the next when it shards or offloads; full fine-tuning also holds one
+    # unit's unsharded float32 gradients before they are reduce-scattered.
+    gathered = 2 * cfg.fsdp2.layers_per_unit * layer_weights if need.shard_size > 1 or cfg.fsdp2.offload else 0
+    if not cfg.lora.enabled and need.shard_size > 1:
+        gathered += cfg.fsdp2.layers_per_unit * need.trained / 16 / layers * 4
+    if cfg.fsdp2.offload:  # frozen shards live in CPU memory; the head and embedding are gathered when used
+        weights = need.unquantized + need.trained / need.shard_size
     else:
         weights = need.per_gpu
-    widest = max(getattr(text, "intermediate_size", 0) or 0, text.hidden_size) * text.hidden_size * dtype.itemsize
-    transients = 2 * widest + tokens * text.hidden_size * 16
-    fixed = weights + layers * layer_input + layer + transients
+    ffn = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * text.hidden_size
+    transients = 2 * max(ffn, text.hidden_size) * text.hidden_size * dtype.itemsize + tokens * text.hidden_size * 16
+    fixed = weights + gathered + layers * layer_input + layer + transients
     limit = min(total_memory, cfg.gpu_memory_limit_gib * GIB if cfg.gpu_memory_limit_gib is not None else math.inf)
     budget = RESERVED_SLACK * limit - OUTSIDE_ALLOCATOR
     count = checkpointed_count(layers, fixed, layer, layer_input, budget)
     peak = fixed + (layers - count) * (layer - layer_input)
     return CheckpointPlan(layers, count, budget, fixed, peak, layer, layer_input)
+
+
+def unplannable(cfg) -> str | None:
+    """Why `auto` cannot plan this run (every layer then recomputes), or None. The probe's layer is a plain layer
+    in the compute dtype: LoRA's dropout masks, and float32 LoRA weights left unsharded (fsdp2=off, where PEFT casts
+    each layer input to float32), keep ~1.5x what it counts."""
+    if cfg.trainer.max_length is None:
+        return "trainer.max_length=null: no row length"
+    if not cfg.fsdp2.enabled:
+        return "fsdp2=off"
+    if cfg.lora.enabled and cfg.lora.lora_dropout > 0:
+        return f"lora.lora_dropout={cfg.lora.lora_dropout}"
+    return None
 
 
 def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int, lora_trained: int | None = None
@@ -150,9 +178,9 @@ def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int, lora
         return None, None
     if value != "auto":
         return int(value), None
-    if device.type != "cuda" or cfg.trainer.max_length is None:
-        logger.info("fsdp2.checkpointed_layers=auto: every decoder layer recomputes (%s)",
-                    "no GPU memory to plan for" if device.type != "cuda" else "trainer.max_length=null: no row length")
+    why = "no GPU memory to plan for" if device.type != "cuda" else unplannable(cfg)
+    if why is not None:
+        logger.info("fsdp2.checkpointed_layers=auto: every decoder layer recomputes (%s)", why)
         return None, None
     try:
         plan = plan_checkpointing(cfg, device, world_size, torch.cuda.get_device_properties(device).total_memory,
@@ -161,5 +189,9 @@ def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int, lora
         logger.warning("fsdp2.checkpointed_layers=auto: every decoder layer recomputes, no plan could be made (%s: %s)",
                        type(e).__name__, e)
         return None, None
-    logger.info(plan.describe())
+    if plan.peak > plan.budget:
+        logger.warning("%s: over the budget even with every layer recomputing; a smaller micro batch, more GPUs or "
+                       "fsdp2=offload would fit", plan.describe())
+    else:
+        logger.info(plan.describe())
     return plan.checkpointed, plan

@@ -97,7 +97,7 @@ def enable_checkpointing(model: nn.Module, layers: list[nn.Module], count: int |
         raise ValueError(f"fsdp2.checkpointed_layers={count} but the model has {len(layers)} decoder layers")
     if count < len(layers) and not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
         raise ValueError(f"fsdp2.checkpointed_layers={count}: {type(layers[0]).__name__} has no per-layer "
-                         f"checkpointing switch (transformers' GradientCheckpointingLayer); leave it null")
+                         f"checkpointing switch (transformers' GradientCheckpointingLayer); use all")
     for layer in layers[count:]:
         layer.gradient_checkpointing = False
     kept = len(layers) - count

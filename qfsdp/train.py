@@ -137,15 +137,19 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
 
 def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path) -> int | None:
     """How many decoder layers recompute (None: all); with `auto` on GPUs, the most any rank's plan needs (the GPU
-    with the least room decides), so every rank runs the same layers the same way."""
+    with the least room decides; a rank without a plan counts as all), so every rank runs the same layers the same
+    way. Every rank planning takes part in the gather, whatever its plan came to."""
     count, plan = resolve_checkpointed_layers(cfg, d.device, d.world_size)
-    if plan is None:
+    planning = (cfg.fsdp2.activation_checkpointing and cfg.fsdp2.checkpointed_layers == "auto"
+                and d.device.type == "cuda")
+    if not planning:
         return count
     torch.cuda.empty_cache()  # the probe's layer
-    count = max(all_gather_object(count))
-    if d.is_main:
+    counts = all_gather_object(count)
+    count = None if None in counts else max(counts)
+    if d.is_main and plan is not None:
         append_to_run_log(run_dir, plan.describe() if count == plan.checkpointed else
-                          f"{plan.describe()}; another rank needs {count} to recompute")
+                          f"{plan.describe()}; another rank needs {'all' if count is None else count} to recompute")
     return count
 
 

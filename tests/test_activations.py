@@ -125,12 +125,22 @@ def test_every_rank_takes_the_plan_of_the_gpu_with_the_least_room(monkeypatch, t
                           layer_input=0.06 * GIB)
     monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size: (25, plan))
     monkeypatch.setattr(train, "all_gather_object", lambda count: [count, 28, 27])  # a rank with less room: 28
-    d = Dist(rank=0, world_size=3, local_rank=0, device=CPU)
+    d = Dist(rank=0, world_size=3, local_rank=0, device=torch.device("cuda", 0))  # no GPU is touched
     assert train.checkpointed_layers(compose_config([]), d, tmp_path) == 28
+    # A rank whose plan failed takes part in the gather all the same, as "all": every rank then recomputes all.
+    monkeypatch.setattr(train, "all_gather_object", lambda count: [count, None, 27])
+    assert train.checkpointed_layers(compose_config([]), d, tmp_path) is None
+    monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size: (None, None))
+    gathered = []
+    monkeypatch.setattr(train, "all_gather_object", lambda count: gathered.append(count) or [count, 25])
+    assert train.checkpointed_layers(compose_config([]), d, tmp_path) is None and gathered == [None]
 
 
-def test_a_plan_that_cannot_be_made_leaves_every_layer_recomputing(caplog):
-    # A CPU-only torch cannot read a GPU's properties: the plan fails, and the run goes on as with "all".
+def test_a_plan_that_cannot_be_made_leaves_every_layer_recomputing(caplog, monkeypatch):
+    def no_gpu(device):
+        raise RuntimeError("no such GPU")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_gpu)
     cfg = compose_config(["fsdp2.checkpointed_layers=auto"])
     with caplog.at_level("WARNING", logger="qfsdp.activations"):
         assert resolve_checkpointed_layers(cfg, torch.device("cuda", 0), 1) == (None, None)
@@ -152,3 +162,33 @@ def test_the_probe_leaves_nothing_allocated():
     saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=16)
     gc.collect()
     assert held() - before < 2**20  # one layer's weights are 436 MiB
+
+
+@pytest.mark.parametrize("override, why", [("fsdp2=off", "fsdp2=off"), ("lora.lora_dropout=0.05", "lora_dropout=0.05"),
+                                           ("trainer.max_length=null", "no row length")])
+def test_runs_the_probe_does_not_describe_recompute_every_layer(override, why, caplog, monkeypatch):
+    # LoRA's dropout masks and float32 layer inputs (fsdp2=off) keep ~1.5x what the probe's plain layer counts.
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no plan expected"))
+    with caplog.at_level("INFO", logger="qfsdp.activations"):
+        assert resolve_checkpointed_layers(compose_config([override]), torch.device("cuda", 0), 1) == (None, None)
+    assert why in caplog.text
+
+
+def test_attention_without_a_fused_kernel_is_probed_at_the_rows_length():
+    # Eager attention keeps a row x row matrix per head: per token it grows with the row, so the plan probes one
+    # row of the run's length (sdpa's fused kernels keep per-token state only).
+    config = load_config(ModelConfig(path="tiny", random_init=True))
+    eager = [saved_bytes_per_token(config, torch.bfloat16, CPU, "eager", tokens=t) for t in (16, 256)]
+    sdpa = [saved_bytes_per_token(config, torch.bfloat16, CPU, "sdpa", tokens=t) for t in (16, 256)]
+    assert eager[1] > 1.5 * eager[0] and sdpa[0] == sdpa[1]
+
+
+def test_layers_without_a_per_layer_switch_are_not_planned(monkeypatch):
+    # auto leaves layers out of checkpointing through transformers' per-layer flag: without it there is no plan
+    # (and resolve_checkpointed_layers falls back to every layer recomputing).
+    from qfsdp import activations
+
+    monkeypatch.setattr(activations, "GradientCheckpointingLayer", type("Other", (), {}))
+    config = load_config(ModelConfig(path="tiny", random_init=True))
+    with pytest.raises(ValueError, match="no per-layer checkpointing switch"):
+        saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=16)
