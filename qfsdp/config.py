@@ -85,7 +85,8 @@ class FSDP2Config:
     activation_checkpointing: bool = True
     # With checkpointing: how many decoder layers recompute, from the first: "auto" = as many as this GPU's memory
     # (or gpu_memory_limit_gib) needs, the rest keep their activations and skip the recompute (qfsdp/activations.py;
-    # every layer on CPU); "all"; or a number (0.88 GiB a layer for 8B at micro batch 4 x 2048 tokens, compiled).
+    # every layer on CPU, with LoRA dropout, with fsdp2=off); "all"; or a number (~0.9 GiB a layer for 8B at micro
+    # batch 4 x 2048 tokens, compiled).
     checkpointed_layers: Any = "auto"
     # HSDP replica groups: 1 = shard across all processes; R > 1 = shard within groups of world_size / R processes,
     # replicate across them (R = nodes: only the gradient all-reduce crosses nodes).
