@@ -12,7 +12,7 @@ GPU's memory, or `gpu_memory_limit_gib`, holds, decided before any weight loads:
 One layer's activations are measured, not estimated: a one-layer copy of the model runs its forward on the run's device
 and the bytes autograd saves are counted (`saved_bytes_per_token`). It runs eager; torch.compile and fused kernels
 save less, so the count errs on the safe side. On CPU there is no device memory to plan for: every layer recomputes.
-docs/design.md, "Activation checkpointing", has the measurements the arithmetic was checked against.
+docs/design.md, "How many layers recompute", has the measurements the arithmetic was checked against.
 """
 
 from __future__ import annotations
@@ -120,8 +120,7 @@ def saved_bytes_per_token(config, dtype: torch.dtype, device: torch.device, attn
     return sum(saved.values()) / tokens
 
 
-def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory: float,
-                       lora_trained: int | None = None) -> CheckpointPlan:
+def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory: float) -> CheckpointPlan:
     """`auto`'s choice for this run on a GPU of `total_memory` bytes, one layer probed on `device`: see the module
     docstring."""
     from qfsdp.model import load_config
@@ -136,7 +135,7 @@ def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory:
     layer = tokens * saved_bytes_per_token(config, dtype, device, cfg.model.attn_implementation, tokens=row,
                                            autocast=bool(cfg.precision.loss_scaling))
     layer_input = tokens * text.hidden_size * dtype.itemsize
-    need = memory_need(cfg, world_size, lora_trained)
+    need = memory_need(cfg, world_size)
     layer_weights = need.sharded_weights / layers  # with the embeddings' share: errs high
     # FSDP2 gathers a unit and prefetches the next when it shards or offloads; full fine-tuning also holds one
     # unit's unsharded float32 gradients before they are reduce-scattered.
@@ -170,8 +169,7 @@ def unplannable(cfg) -> str | None:
     return None
 
 
-def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int, lora_trained: int | None = None
-                                ) -> tuple[int | None, CheckpointPlan | None]:
+def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int) -> tuple[int | None, CheckpointPlan | None]:
     """The count `shard.enable_checkpointing` gets (None: all layers), and `auto`'s plan where it made one."""
     value = cfg.fsdp2.checkpointed_layers
     if not cfg.fsdp2.activation_checkpointing or value in (None, "all"):
@@ -183,8 +181,7 @@ def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int, lora
         logger.info("fsdp2.checkpointed_layers=auto: every decoder layer recomputes (%s)", why)
         return None, None
     try:
-        plan = plan_checkpointing(cfg, device, world_size, torch.cuda.get_device_properties(device).total_memory,
-                                  lora_trained)
+        plan = plan_checkpointing(cfg, device, world_size, torch.cuda.get_device_properties(device).total_memory)
     except Exception as e:  # an architecture the one-layer probe cannot build: the safe choice, said out loud
         logger.warning("fsdp2.checkpointed_layers=auto: every decoder layer recomputes, no plan could be made (%s: %s)",
                        type(e).__name__, e)

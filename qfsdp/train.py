@@ -147,9 +147,9 @@ def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path) -> int | None:
     torch.cuda.empty_cache()  # the probe's layer
     counts = all_gather_object(count)
     count = None if None in counts else max(counts)
-    if d.is_main and plan is not None:
-        append_to_run_log(run_dir, plan.describe() if count == plan.checkpointed else
-                          f"{plan.describe()}; another rank needs {'all' if count is None else count} to recompute")
+    if d.is_main and plan is not None and count != plan.checkpointed:  # the plan itself is logged already
+        append_to_run_log(run_dir, f"another rank's plan needs {'all' if count is None else count} decoder layers to "
+                                   f"recompute: every rank does")
     return count
 
 
