@@ -89,7 +89,7 @@ def test_training_imports_nothing_from_the_bench():
 NEW_ROWS = ["qfsdp-1-lognormal", "qfsdp-1-pack", "stock-1-lognormal", "stock-1-noac", "qfsdp-1-noac-compile",
             "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det",
             "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16", "qfsdp-1-compile-auto", "qfsdp-1-compile-auto24",
-            "kaggle-1-ckptall"]
+            "qfsdp-1-compile-auto-det", "kaggle-1-ckptall"]
 
 
 def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
@@ -119,6 +119,8 @@ def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
     auto, auto24 = cfgs["qfsdp-1-compile-auto"], cfgs["qfsdp-1-compile-auto24"]
     assert auto.fsdp2.checkpointed_layers == auto24.fsdp2.checkpointed_layers == "auto" and auto.compile
     assert auto.gpu_memory_limit_gib is None and auto24.gpu_memory_limit_gib == 24
+    auto_det = cfgs["qfsdp-1-compile-auto-det"]
+    assert auto_det.deterministic and auto_det.compile and auto_det.fsdp2.checkpointed_layers == "auto"
     assert cfgs["kaggle-1-ckptall"].fsdp2.checkpointed_layers == "all" and cfgs["kaggle-1-ckptall"].gpu_memory_limit_gib == 15
 
 
@@ -213,6 +215,12 @@ def test_liger_parity_checks_and_the_table():
     got = _checks(reference, close, far)
     assert got["kernels=liger vs eager: qfsdp-1-liger-det vs qfsdp-1-det, per-step |dloss| <= 1e-3"][0] is True
     assert got["kernels=liger vs eager: qfsdp-1-liger-compile-det vs qfsdp-1-det, per-step |dloss| <= 1e-3"][0] is False
+    defaults = ("the GPU defaults (compile, auto checkpointing) vs eager, every layer recomputing: "
+                "qfsdp-1-compile-auto-det vs qfsdp-1-det, per-step |dloss| <= 1e-3")
+    assert _checks(reference, _result("qfsdp-1-compile-auto-det", 9000, losses=(12.0, 11.5009, 11.0)))[defaults][0]
+    assert _checks(reference, far)[defaults][0] is None  # not run
+    assert _checks(reference, _result("qfsdp-1-compile-auto-det", 9000, losses=(12.0, 11.5011, 11.0)))[defaults][0] \
+        is False
     rows = [reference, _result("qfsdp-1-pack", 6400, real=128_000, padding=32_000)]
     text = table(rows, {"preset": "llama8b", "preset_overrides": [], "ceiling": {"tflops": 800.0},
                         "flops_per_token": 3.324e10, "warmup_steps": 3}, checks(rows))

@@ -91,6 +91,8 @@ ROWS = {
     "qfsdp-2-compile-det": Row("qfsdp", 2, ("compile=true", *DET)),
     "qfsdp-1-liger-det": Row("qfsdp", 1, (*LIGER, *DET)),
     "qfsdp-1-liger-compile-det": Row("qfsdp", 1, (*LIGER, "compile=true", *DET)),
+    # The GPU defaults (compile, checkpointed_layers=auto) beside qfsdp-1-det: the equal-loss promise of the default.
+    "qfsdp-1-compile-auto-det": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=auto", "compile=true", *DET)),
     "kaggle-1": Row("qfsdp", 1, KAGGLE, preset=False),
     "kaggle-2": Row("qfsdp", 2, KAGGLE, preset=False),
     # kaggle-N-mb2 parts the two changes from the offload recipe: no offload at its micro batch 2

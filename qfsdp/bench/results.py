@@ -90,6 +90,9 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     for fused in ("qfsdp-1-liger-det", "qfsdp-1-liger-compile-det"):
         check(f"kernels=liger vs eager: {fused} vs qfsdp-1-det, per-step |dloss| <= 1e-3", ["qfsdp-1-det", fused],
               dloss_within(1e-3))
+    # Keeping layers' activations changes no arithmetic; compile's fusions round differently (as above).
+    check("the GPU defaults (compile, auto checkpointing) vs eager, every layer recomputing: qfsdp-1-compile-auto-det "
+          "vs qfsdp-1-det, per-step |dloss| <= 1e-3", ["qfsdp-1-det", "qfsdp-1-compile-auto-det"], dloss_within(1e-3))
     # The same comparisons without deterministic kernels, for reference (run-to-run noise included).
     for one, many in [("qfsdp-1", "qfsdp-2"), ("qfsdp-1", "qfsdp-4"), ("qfsdp-2", "qfsdp-2-offload"),
                       ("qfsdp-2", "qfsdp-2-compile")]:
