@@ -12,6 +12,25 @@ from qfsdp.model import load_config
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _probe_each_shape_once():
+    """The plans below probe full-size 8B and 70B layers on CPU (8-20 s each): each shape is measured once for the
+    module and its count reused, as the plan would get it again. Tests of the probe itself call it directly."""
+    from qfsdp import activations
+
+    probe, seen = activations.saved_bytes_per_token, {}
+
+    def once(config, dtype, device, attn_implementation="sdpa", tokens=activations.PROBE_TOKENS, autocast=False):
+        key = (config.to_json_string(), dtype, str(device), attn_implementation, tokens, autocast)
+        if key not in seen:
+            seen[key] = probe(config, dtype, device, attn_implementation, tokens, autocast)
+        return seen[key]
+
+    activations.saved_bytes_per_token = once
+    yield
+    activations.saved_bytes_per_token = probe
+
+
 def _graph_saved_bytes(out: torch.Tensor, stop: torch.Tensor, weights: set[int]) -> int:
     """What autograd's graph from `out` back to `stop` holds for backward, read from the nodes' `_saved_*`
     attributes (not through saved-tensor hooks, as the probe does), each storage once, weights excluded."""
