@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).parent / "scripts"
 
 # Under pytest-xdist (the README's `-n 2 --dist loadfile`) two test modules run at once on CI's 2 cores: every
 # process they start, and the test processes themselves, compute on one OpenMP thread, as torchrun gives each of
@@ -22,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,9 +26,9 @@ def _probe_each_shape_once():
             seen[key] = probe(config, dtype, device, attn_implementation, tokens, autocast)
         return seen[key]
 
-    activations.saved_bytes_per_token = once
-    yield
-    activations.saved_bytes_per_token = probe
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(activations, "saved_bytes_per_token", once)
+        yield
 
 
 def _graph_saved_bytes(out: torch.Tensor, stop: torch.Tensor, weights: set[int]) -> int:
