@@ -22,7 +22,7 @@ from transformers.distributed.configuration_utils import DistributedConfig
 from trl import SFTConfig, SFTTrainer
 
 from qfsdp import artifacts, checkpoint
-from qfsdp.activations import resolve_checkpointed_layers
+from qfsdp.activations import GIB, CheckpointPlan, resolve_checkpointed_layers
 from qfsdp.config import OWNED_TRAINER_FIELDS, compile_enabled
 from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
@@ -83,7 +83,7 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         check_loaded(raw, cfg, tokenizer)
     dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
     fsdp2 = OmegaConf.to_object(cfg.fsdp2)
-    fsdp2.checkpointed_layers = checkpointed_layers(cfg, d, run_dir)
+    fsdp2.checkpointed_layers, plan = checkpointed_layers(cfg, d, run_dir)
     reset_peak_memory(d.device)  # after the plan's one-layer probe
     host_memory = LoadHostMemory()
     model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune, seed=cfg.seed)
@@ -129,28 +129,31 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     )
     # null: every layer (or checkpointing off, fsdp2.activation_checkpointing)
     summary["checkpointed_layers"] = fsdp2.checkpointed_layers
+    if plan is not None:  # auto's prediction for rank 0 at the count every rank took, against peak_memory_gib
+        summary["predicted_peak_gib"] = round(plan.peak_with(fsdp2.checkpointed_layers) / GIB, 2)
     if d.is_main:
         artifacts.plot_loss(run_dir, callback.rows, callback.eval_rows)
         artifacts.write_summary(run_dir, summary)
     return summary, model
 
 
-def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path) -> int | None:
-    """How many decoder layers recompute (None: all); with `auto` on GPUs, the most any rank's plan needs (the GPU
-    with the least room decides; a rank without a plan counts as all), so every rank runs the same layers the same
-    way. Every rank planning takes part in the gather, whatever its plan came to."""
+def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path) -> tuple[int | None, CheckpointPlan | None]:
+    """How many decoder layers recompute (None: all), and this rank's plan where `auto` made one; with `auto` on
+    GPUs, the most any rank's plan needs (the GPU with the least room decides; a rank without a plan counts as all),
+    so every rank runs the same layers the same way. Every rank planning takes part in the gather, whatever its plan
+    came to."""
     count, plan = resolve_checkpointed_layers(cfg, d.device, d.world_size)
     planning = (cfg.fsdp2.activation_checkpointing and cfg.fsdp2.checkpointed_layers == "auto"
                 and d.device.type == "cuda")
     if not planning:
-        return count
+        return count, plan
     torch.cuda.empty_cache()  # the probe's layer
     counts = all_gather_object(count)
     count = None if None in counts else max(counts)
     if d.is_main and plan is not None and count != plan.checkpointed:  # the plan itself is logged already
         append_to_run_log(run_dir, f"another rank's plan needs {'all' if count is None else count} decoder layers to "
                                    f"recompute: every rank does")
-    return count
+    return count, plan
 
 
 def resume_point(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[Path | None, list[dict]]:

@@ -20,10 +20,12 @@ def _probe_each_shape_once():
 
     probe, seen = activations.saved_bytes_per_token, {}
 
-    def once(config, dtype, device, attn_implementation="sdpa", tokens=activations.PROBE_TOKENS, autocast=False):
-        key = (config.to_json_string(), dtype, str(device), attn_implementation, tokens, autocast)
+    def once(config, dtype, device, attn_implementation="sdpa", tokens=activations.PROBE_TOKENS, autocast=False,
+             **compile_as):
+        key = (config.to_json_string(), dtype, str(device), attn_implementation, tokens, autocast,
+               *sorted(compile_as.items()))
         if key not in seen:
-            seen[key] = probe(config, dtype, device, attn_implementation, tokens, autocast)
+            seen[key] = probe(config, dtype, device, attn_implementation, tokens, autocast, **compile_as)
         return seen[key]
 
     with pytest.MonkeyPatch.context() as patch:
@@ -33,7 +35,8 @@ def _probe_each_shape_once():
 
 def _graph_saved_bytes(out: torch.Tensor, stop: torch.Tensor, weights: set[int]) -> int:
     """What autograd's graph from `out` back to `stop` holds for backward, read from the nodes' `_saved_*`
-    attributes (not through saved-tensor hooks, as the probe does), each storage once, weights excluded."""
+    attributes, or a compiled graph's `saved_tensors` (not through saved-tensor hooks, as the probe does), each
+    storage once, weights excluded."""
     seen, storages, todo = set(), {}, [out.grad_fn]
     while todo:
         node = todo.pop()
@@ -41,7 +44,7 @@ def _graph_saved_bytes(out: torch.Tensor, stop: torch.Tensor, weights: set[int])
             continue
         seen.add(node)
         for name in dir(node):
-            value = getattr(node, name) if name.startswith("_saved_") else None
+            value = getattr(node, name) if name.startswith("_saved_") or name == "saved_tensors" else None
             for t in value if isinstance(value, (tuple, list)) else [value]:
                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
                     storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -49,24 +52,30 @@ def _graph_saved_bytes(out: torch.Tensor, stop: torch.Tensor, weights: set[int])
     return sum(storages.values())
 
 
-def test_the_probe_counts_what_the_layers_graph_holds():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_probe_counts_what_the_layers_graph_holds(compiled):
     from transformers import AutoModelForCausalLM
 
     from qfsdp.model import decoder_layers
+    from qfsdp.shard import compile_layer
 
     config = load_config(ModelConfig(path="tiny", random_init=True))
     config.num_hidden_layers = 1
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.bfloat16)
     layer = decoder_layers(model)[0]
+    if compiled:  # as a layer that keeps its activations runs with compile=true
+        compile_layer(layer, checkpointed=False)
     outputs = []
-    layer.register_forward_hook(lambda m, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    layer.register_forward_hook(
+        torch.compiler.disable(lambda m, args, out: outputs.append(out[0] if isinstance(out, tuple) else out)))
     x = torch.randn(1, 48, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     model.get_decoder()(inputs_embeds=x, use_cache=False)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     held = _graph_saved_bytes(outputs[0], x, weights)
     assert held > 10 * 48 * config.hidden_size * 2  # activations of a dozen hidden-sized tensors at least
-    assert saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=48) == held / 48
+    assert saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=48, compiled=compiled) == held / 48
+    torch.compiler.reset()
 
 
 def test_the_probe_is_per_token_and_leaves_the_weights_out():
@@ -102,12 +111,28 @@ def test_8b_on_an_h100_keeps_every_layer_and_predicts_the_measured_peaks():
 def test_a_24_gib_cap_keeps_as_many_layers_as_fit():
     plan = plan_checkpointing(_preset("gpu_memory_limit_gib=24"), CPU, 1, H100)
     assert 0 < plan.checkpointed < 32
-    assert plan.peak <= plan.budget < plan.peak + (plan.layer - plan.layer_input)  # one more layer would not fit
+    assert plan.peak <= plan.budget < plan.peak_with(plan.checkpointed - 1)  # one more layer would not fit
     assert plan.budget == pytest.approx(0.9 * 24 * GIB - GIB)
     # Two GPUs hold half the weights each: room for more layers' activations.
     assert plan_checkpointing(_preset("gpu_memory_limit_gib=24"), CPU, 2, H100).checkpointed < plan.checkpointed
     # A GPU that holds the weights and little else: every layer recomputes.
     assert plan_checkpointing(_preset("gpu_memory_limit_gib=11"), CPU, 1, H100).checkpointed == 32
+
+
+def test_compiled_layers_are_counted_compiled_and_predict_the_measured_peaks():
+    # 1 x H100, 2026-12-07, tree of abb61d8, compile=true, micro batch 4 (docs/BENCHMARKS.md, the frontier): train
+    # peaks (allocated) of 16.68 GiB with 7 layers keeping their activations, 25.28 with 16, 41.74 with all 32.
+    capped = _preset("gpu_memory_limit_gib=24")
+    eager, compiled = (plan_checkpointing(capped, CPU, 1, H100, compiled=c) for c in (False, True))
+    assert not eager.compiled and compiled.compiled and compiled.layer == eager.layer and compiled.fixed == eager.fixed
+    assert compiled.kept < 0.8 * eager.kept  # compiled layers save less than eager ones
+    assert compiled.checkpointed < eager.checkpointed  # so more of them keep their activations
+    assert compiled.peak <= compiled.budget < compiled.peak_with(compiled.checkpointed - 1)
+    for kept, measured in ((7, 16.68), (16, 25.28), (32, 41.74)):
+        assert measured <= compiled.peak_with(32 - kept) / GIB <= 1.1 * measured
+    assert "activations (1.07 GiB a layer, measured compiled)" in compiled.describe()
+    # Where the eager count keeps every layer already, no compiled count is taken: it would cost a compile.
+    assert not plan_checkpointing(_preset(), CPU, 1, H100, compiled=True).compiled
 
 
 def test_70b_predictions_are_not_below_the_measured_peaks():
@@ -140,19 +165,20 @@ def test_every_rank_takes_the_plan_of_the_gpu_with_the_least_room(monkeypatch, t
     from qfsdp.activations import CheckpointPlan
     from qfsdp.distributed import Dist
 
-    plan = CheckpointPlan(layers=32, checkpointed=25, budget=20 * GIB, fixed=10 * GIB, peak=19 * GIB, layer=1.5 * GIB,
-                          layer_input=0.06 * GIB)
+    plan = CheckpointPlan(layers=32, checkpointed=25, budget=20 * GIB, fixed=10 * GIB, layer=1.5 * GIB,
+                          layer_input=0.06 * GIB, kept=1.0 * GIB, compiled=True)
     monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size: (25, plan))
     monkeypatch.setattr(train, "all_gather_object", lambda count: [count, 28, 27])  # a rank with less room: 28
     d = Dist(rank=0, world_size=3, local_rank=0, device=torch.device("cuda", 0))  # no GPU is touched
-    assert train.checkpointed_layers(compose_config([]), d, tmp_path) == 28
+    assert train.checkpointed_layers(compose_config([]), d, tmp_path) == (28, plan)
+    assert plan.peak_with(28) == 10 * GIB + 4 * 0.94 * GIB  # the summary's prediction at the count taken
     # A rank whose plan failed takes part in the gather all the same, as "all": every rank then recomputes all.
     monkeypatch.setattr(train, "all_gather_object", lambda count: [count, None, 27])
-    assert train.checkpointed_layers(compose_config([]), d, tmp_path) is None
+    assert train.checkpointed_layers(compose_config([]), d, tmp_path) == (None, plan)
     monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size: (None, None))
     gathered = []
     monkeypatch.setattr(train, "all_gather_object", lambda count: gathered.append(count) or [count, 25])
-    assert train.checkpointed_layers(compose_config([]), d, tmp_path) is None and gathered == [None]
+    assert train.checkpointed_layers(compose_config([]), d, tmp_path) == (None, None) and gathered == [None]
 
 
 def test_a_plan_that_cannot_be_made_leaves_every_layer_recomputing(caplog, monkeypatch):
@@ -166,19 +192,21 @@ def test_a_plan_that_cannot_be_made_leaves_every_layer_recomputing(caplog, monke
     assert "every decoder layer recomputes, no plan could be made" in caplog.text
 
 
-def test_the_probe_leaves_nothing_allocated():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_probe_leaves_nothing_allocated(compiled):
     # On a GPU the probe's layer stayed allocated into loading and training (0.45 GiB more at 8B, 1 x H100,
     # 2026-12-07): its saved tensors, handed back to autograd, formed reference cycles through the graph.
     import gc
 
     def held() -> int:
+        # by storage: compile's fake tensors (its metadata, kept in its caches) say "cpu" but store nothing
         return sum(o.untyped_storage().nbytes() for o in gc.get_objects()
-                   if isinstance(o, torch.Tensor) and o.device.type == "cpu")
+                   if isinstance(o, torch.Tensor) and o.untyped_storage().device.type == "cpu")
 
     config = load_config(ModelConfig(path="x", random_init=True, architecture="llama3_1_8b"))
     gc.collect()
     before = held()
-    saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=16)
+    saved_bytes_per_token(config, torch.bfloat16, CPU, tokens=16, compiled=compiled)  # compiled code holds none either
     gc.collect()
     assert held() - before < 2**20  # one layer's weights are 436 MiB
 

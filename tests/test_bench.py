@@ -253,6 +253,22 @@ def test_auto_checkpointing_checks():
     assert _checks(full)[faster][0] is None
 
 
+def test_auto_prediction_check():
+    from qfsdp.bench.results import AUTO_PREDICTION
+
+    auto24 = _result("qfsdp-1-compile-auto24", 10600, peak=19.5)
+    auto = _result("qfsdp-1-compile-auto", 14400, peak=41.7)
+    auto24["summary"].update(predicted_peak_gib=20.24, checkpointed_layers=22)
+    auto["summary"].update(predicted_peak_gib=42.35, checkpointed_layers=0)
+    ok, detail = _checks(auto24, auto, _result("qfsdp-1-compile", 10000))[AUTO_PREDICTION]
+    assert ok is True
+    assert detail == ("qfsdp-1-compile-auto24: 19.50 vs 20.24 GiB predicted (22 layers recompute); "
+                      "qfsdp-1-compile-auto: 41.70 vs 42.35 GiB predicted (0 layers recompute)")
+    auto["summary"]["predicted_peak_gib"] = 41.6  # one row over its prediction fails the check
+    assert _checks(auto24, auto)[AUTO_PREDICTION][0] is False
+    assert _checks(_result("qfsdp-1-compile", 10000))[AUTO_PREDICTION][0] is None  # no planned row
+
+
 def test_kaggle_recipe_checks_speed_and_parity_against_the_offload_recipe():
     name = "throughput: kaggle-1 (no offload) >= 2x kaggle-offload-1"
     slow = _result("kaggle-offload-1", 400, losses=(6.5, 6.4, 6.3))

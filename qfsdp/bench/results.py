@@ -164,6 +164,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                         f"{_fmt(_mem(b, 'load_memory', 'peak_reserved_gib'))} GiB reserved, "
                         f"{b['summary'].get('checkpointed_layers')} layers recompute; "
                         + at_least_as_fast(b, a)[1]))
+    out.append(auto_prediction(r))
     out += speed_targets(r)
     # Log-normal lengths: tokens/s count real tokens only, so padding costs what it costs (metrics.TokenCounter).
     check("packing: qfsdp-1-pack real tokens/s >= 1.5 x qfsdp-1-lognormal", ["qfsdp-1-lognormal", "qfsdp-1-pack"],
@@ -182,6 +183,29 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                         f"{b['tokens_per_second']:.0f} vs 1.9 x {a['tokens_per_second']:.0f} tokens/s "
                         f"({b['tokens_per_second'] / a['tokens_per_second']:.2f}x)"))
     return out
+
+
+AUTO_PREDICTION = ("checkpointed_layers=auto: the plan's predicted train peak is not below the measured one "
+                   "(allocated, rank 0)")
+
+
+def auto_prediction(r: dict) -> tuple[str, bool | None, str]:
+    """Every row that `auto` planned (its summary has `predicted_peak_gib`) peaked at or under its prediction: the
+    plan must err towards recompute, never past the GPU's memory."""
+    planned = {name: row for name, row in r.items() if "predicted_peak_gib" in row["summary"]}
+    if not planned:
+        return AUTO_PREDICTION, None, "not run: no row planned with checkpointed_layers=auto on a GPU"
+    pairs = {name: (_mem(row, "memory", "peak_allocated_gib")[0], row["summary"]["predicted_peak_gib"])
+             for name, row in planned.items()}
+    return (AUTO_PREDICTION, all(measured <= predicted for measured, predicted in pairs.values()),
+            "; ".join(f"{name}: {measured:.2f} vs {predicted:.2f} GiB predicted "
+                      f"({_recomputing(planned[name])} layers recompute)"
+                      for name, (measured, predicted) in pairs.items()))
+
+
+def _recomputing(row) -> str:
+    layers = row["summary"].get("checkpointed_layers")
+    return "all" if layers is None else str(layers)
 
 
 TARGET_1 = ("target 1 (same memory): qfsdp's fastest 1-GPU row with train peak <= stock-1's + 10% reaches >= 1.5 x "
