@@ -2,7 +2,8 @@
 
 Recompute is about a third of a checkpointed step's compute (8B on an H100: 1.43x faster without it) and each layer
 that skips it keeps its activations instead. `auto` (the default) lets as many of the last layers keep them as the
-GPU's memory, or `gpu_memory_limit_gib`, holds, decided before any weight loads:
+GPU's memory, or `gpu_memory_limit_gib`, holds, for micro batches of the data's longest tokenized row (within
+`trainer.max_length`), decided once the trainer has tokenized the data and before the layers are sharded and compiled:
 
     peak, every layer checkpointed = weights, LoRA weights, their gradients and AdamW state on this GPU
                                      + every layer's checkpointed input + one layer's activations (its recompute)
@@ -52,13 +53,14 @@ class CheckpointPlan:
     layer_input: float  # what checkpointing keeps of a layer instead
     kept: float  # one layer's activations as a layer that keeps them runs (compiled where compile is on)
     compiled: bool  # whether `kept` was counted compiled
+    row: int  # the most tokens a row of the micro batch holds (row_length)
 
     def describe(self) -> str:
         kept = self.layers - self.checkpointed
         return (f"fsdp2.checkpointed_layers=auto: {self.checkpointed} of {self.layers} decoder layers recompute, "
                 f"{kept} keep{'s its' if kept == 1 else ' their'} activations ({self.kept / GIB:.2f} GiB a layer, "
-                f"measured {'compiled' if self.compiled else 'eager'}); predicted peak "
-                f"{self.peak / GIB:.1f} of {self.budget / GIB:.1f} GiB")
+                f"measured {'compiled' if self.compiled else 'eager'}, rows of up to {self.row} tokens); "
+                f"predicted peak {self.peak / GIB:.1f} of {self.budget / GIB:.1f} GiB")
 
     @property
     def peak(self) -> float:
@@ -148,11 +150,19 @@ def saved_bytes_per_token(config, dtype: torch.dtype, device: torch.device, attn
     return sum(saved.values()) / tokens
 
 
+def row_length(cfg, longest: int | None) -> int | None:
+    """The most tokens a training row can hold, which a micro batch is padded to: the longest row the trainer
+    tokenized (`data.longest_row`), within `trainer.max_length`, which TRL truncates rows to. None: neither is
+    known."""
+    known = [n for n in (longest, cfg.trainer.max_length) if n is not None]
+    return min(known) if known else None
+
+
 def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory: float,
-                       compiled: bool = False) -> CheckpointPlan:
+                       compiled: bool = False, longest: int | None = None) -> CheckpointPlan:
     """`auto`'s choice for this run on a GPU of `total_memory` bytes, one layer probed on `device`: see the module
     docstring. `compiled`: the layers run compiled (`compile`), so those that keep their activations are counted
-    compiled too."""
+    compiled too. `longest`: the data's longest tokenized row (None: `trainer.max_length` tokens)."""
     from qfsdp.model import load_config
     from qfsdp.validate import memory_need
 
@@ -160,7 +170,7 @@ def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory:
     text = config.get_text_config()
     dtype = getattr(torch, cfg.precision.dtype)
     layers = text.num_hidden_layers
-    micro_batch, row = cfg.trainer.per_device_train_batch_size, cfg.trainer.max_length
+    micro_batch, row = cfg.trainer.per_device_train_batch_size, row_length(cfg, longest)
     tokens = micro_batch * row
 
     def probe(**compile_as) -> float:
@@ -193,15 +203,15 @@ def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory:
     if probe_compiled:
         kept = probe(compiled=True, deterministic=bool(cfg.deterministic))
         count = checkpointed_count(layers, fixed, kept, layer_input, budget)
-    return CheckpointPlan(layers, count, budget, fixed, layer, layer_input, kept, probe_compiled)
+    return CheckpointPlan(layers, count, budget, fixed, layer, layer_input, kept, probe_compiled, row)
 
 
-def unplannable(cfg) -> str | None:
+def unplannable(cfg, longest: int | None = None) -> str | None:
     """Why `auto` cannot plan this run (every layer then recomputes), or None. The probe's layer is a plain layer
     in the compute dtype: LoRA's dropout masks, and float32 LoRA weights left unsharded (fsdp2=off, where PEFT casts
     each layer input to float32), keep ~1.5x what it counts."""
-    if cfg.trainer.max_length is None:
-        return "trainer.max_length=null: no row length"
+    if row_length(cfg, longest) is None:
+        return "trainer.max_length=null and no tokenized rows: no row length"
     if not cfg.fsdp2.enabled:
         return "fsdp2=off"
     if cfg.lora.enabled and cfg.lora.lora_dropout > 0:
@@ -209,21 +219,23 @@ def unplannable(cfg) -> str | None:
     return None
 
 
-def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int) -> tuple[int | None, CheckpointPlan | None]:
-    """The count `shard.enable_checkpointing` gets (None: all layers), and `auto`'s plan where it made one."""
+def resolve_checkpointed_layers(cfg, device: torch.device, world_size: int,
+                                longest: int | None = None) -> tuple[int | None, CheckpointPlan | None]:
+    """The count `shard.enable_checkpointing` gets (None: all layers), and `auto`'s plan where it made one. `longest`:
+    the data's longest tokenized row (`data.longest_row`)."""
     value = cfg.fsdp2.checkpointed_layers
     if not cfg.fsdp2.activation_checkpointing or value in (None, "all"):
         return None, None
     if value != "auto":
         return int(value), None
-    why = "no GPU memory to plan for" if device.type != "cuda" else unplannable(cfg)
+    why = "no GPU memory to plan for" if device.type != "cuda" else unplannable(cfg, longest)
     if why is not None:
         logger.info("fsdp2.checkpointed_layers=auto: every decoder layer recomputes (%s)", why)
         return None, None
     try:
         compiled = compile_enabled(cfg, device.type) and getattr(cfg.kernels, "value", cfg.kernels) != "liger"
         plan = plan_checkpointing(cfg, device, world_size, torch.cuda.get_device_properties(device).total_memory,
-                                  compiled=compiled)
+                                  compiled=compiled, longest=longest)
     except Exception as e:  # an architecture the one-layer probe cannot build: the safe choice, said out loud
         logger.warning("fsdp2.checkpointed_layers=auto: every decoder layer recomputes, no plan could be made (%s: %s)",
                        type(e).__name__, e)

@@ -6,8 +6,8 @@ Model setup, in order:
 2. attach LoRA with the same seed on every rank, and check the init is identical;
 3. build the SFTTrainer (it tokenizes the data), then keep LoRA weights float32;
 4. parallelize (shard.py): activation checkpointing (on as many layers as `fsdp2.checkpointed_layers` says, `auto`
-   deciding from the GPU's memory before loading: activations.py), then unit by unit onto the device, quantized and
-   sharded;
+   deciding from the GPU's memory and the tokenized rows before any layer reaches the GPU: activations.py), then
+   unit by unit onto the device, quantized and sharded;
 5. train; rank 0 writes metrics, the adapter, summary.json and loss.png.
 """
 
@@ -24,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from qfsdp import artifacts, checkpoint
 from qfsdp.activations import GIB, CheckpointPlan, resolve_checkpointed_layers
 from qfsdp.config import OWNED_TRAINER_FIELDS, compile_enabled
-from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source
+from qfsdp.data import check_loaded, is_synthetic, load_datasets, load_source, longest_row
 from qfsdp.distributed import Dist, all_gather_object, check_trainable_same_on_all_ranks, data_parallel_mesh
 from qfsdp.hostmem import LoadHostMemory, load_line
 from qfsdp.metrics import MetricsCallback, memory_stats, reset_peak_memory
@@ -83,8 +83,6 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
         check_loaded(raw, cfg, tokenizer)
     dataset, eval_dataset = load_datasets(cfg.dataset, load_config(cfg.model).vocab_size, cfg.seed, raw=raw)
     fsdp2 = OmegaConf.to_object(cfg.fsdp2)
-    fsdp2.checkpointed_layers, plan = checkpointed_layers(cfg, d, run_dir)
-    reset_peak_memory(d.device)  # after the plan's one-layer probe
     host_memory = LoadHostMemory()
     model = load_model(cfg.model, cfg.quant, dtype, full_finetune=full_finetune, seed=cfg.seed)
     apply_kernels(model, cfg.kernels)
@@ -109,6 +107,11 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     trainer.setup_checkpointing(run_dir, cfg, d.is_main, on_save=callback.record_checkpoint)
     attach(trainer, callback, run_dir)  # progress bar with loss/tokens/s/memory; TensorBoard, wandb dirs
     make_trainable_fp32(model)
+    # Planned on the rows as the trainer tokenized them, while no layer is on the GPU yet (parallelize moves them);
+    # the plan's one-layer probe is not part of loading.
+    longest = longest_row(trainer.train_dataset, trainer.args.pad_to_multiple_of)
+    fsdp2.checkpointed_layers, plan = checkpointed_layers(cfg, d, run_dir, longest)
+    reset_peak_memory(d.device)
     compiled = compile_enabled(cfg, d.device.type)
     parallelize(model, mesh, d.device, fsdp2, param_dtype=dtype, compile=compiled,
                 deterministic=cfg.deterministic, fused_norms=getattr(cfg.kernels, "value", cfg.kernels) == "liger")
@@ -137,12 +140,13 @@ def run_training(cfg: DictConfig, run_dir: Path, d: Dist) -> tuple[dict, torch.n
     return summary, model
 
 
-def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path) -> tuple[int | None, CheckpointPlan | None]:
+def checkpointed_layers(cfg: DictConfig, d: Dist, run_dir: Path,
+                        longest: int | None = None) -> tuple[int | None, CheckpointPlan | None]:
     """How many decoder layers recompute (None: all), and this rank's plan where `auto` made one; with `auto` on
     GPUs, the most any rank's plan needs (the GPU with the least room decides; a rank without a plan counts as all),
     so every rank runs the same layers the same way. Every rank planning takes part in the gather, whatever its plan
     came to."""
-    count, plan = resolve_checkpointed_layers(cfg, d.device, d.world_size)
+    count, plan = resolve_checkpointed_layers(cfg, d.device, d.world_size, longest)
     planning = (cfg.fsdp2.activation_checkpointing and cfg.fsdp2.checkpointed_layers == "auto"
                 and d.device.type == "cuda")
     if not planning:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qfsdp.activations import GIB, checkpointed_count, plan_checkpointing, resolve_checkpointed_layers, \
-    saved_bytes_per_token
+    row_length, saved_bytes_per_token
 from qfsdp.config import ModelConfig, compose_config
 from qfsdp.model import load_config
 
@@ -130,9 +130,42 @@ def test_compiled_layers_are_counted_compiled_and_predict_the_measured_peaks():
     assert compiled.peak <= compiled.budget < compiled.peak_with(compiled.checkpointed - 1)
     for kept, measured in ((7, 16.68), (16, 25.28), (32, 41.74)):
         assert measured <= compiled.peak_with(32 - kept) / GIB <= 1.1 * measured
-    assert "activations (1.07 GiB a layer, measured compiled)" in compiled.describe()
+    assert "activations (1.07 GiB a layer, measured compiled, rows of up to 2048 tokens)" in compiled.describe()
     # Where the eager count keeps every layer already, no compiled count is taken: it would cost a compile.
     assert not plan_checkpointing(_preset(), CPU, 1, H100, compiled=True).compiled
+
+
+def test_rows_are_planned_at_the_datas_longest_within_max_length():
+    cfg = _preset("trainer.max_length=2048")
+    assert [row_length(cfg, n) for n in (None, 300, 2048, 5000)] == [2048, 300, 2048, 2048]
+    assert row_length(_preset("trainer.max_length=null"), 300) == 300
+    assert row_length(_preset("trainer.max_length=null"), None) is None
+    # The Kaggle recipe on one GPU (fp16, 15 GiB cap, micro batch 4) on its sample data, whose longest row is 259
+    # tokens with the recipe's tokenizer (plus the end-of-text token TRL appends): planned for 2048-token rows it kept
+    # one layer's activations (1 x H100, abb61d8); for the rows it has, every layer's activations but one fit.
+    kaggle = compose_config(["experiment=kaggle_2xt4", "model.random_init=true", "world_size=1",
+                             "fsdp2.checkpointed_layers=auto"])
+    full, short = (plan_checkpointing(kaggle, CPU, 1, H100, longest=n) for n in (None, 260))
+    assert full.row == 2048 and full.checkpointed == 31
+    assert short.row == 260 and short.layer == pytest.approx(full.layer * 260 / 2048)  # sdpa: per token
+    assert short.checkpointed < 4 and short.peak <= short.budget
+    # Measured with every layer recomputing on that data: 6.67 GiB allocated (1 x H100, cc72490). The prediction
+    # holds no margin here: the budget's slack does (90% of the cap, less 1 GiB).
+    assert short.fixed / GIB == pytest.approx(6.67, rel=0.02)
+
+
+@pytest.mark.parametrize("max_length", [2048, 64])
+def test_auto_is_handed_the_longest_row_the_trainer_tokenized(max_length, tmp_path):
+    # The sample's rows run to 260 tokens with the tiny tokenizer: TRL truncates them to max_length when shorter.
+    import json
+
+    from conftest import SCRIPTS, torchrun
+
+    torchrun(1, str(SCRIPTS / "planned_row.py"), str(tmp_path), "dataset=sample", "trainer.max_steps=1",
+             f"trainer.max_length={max_length}")
+    seen = json.loads((tmp_path / "planned_row.json").read_text())
+    assert seen["planned"] == seen["arrow"] == seen["python"]
+    assert seen["python"] == 64 if max_length == 64 else 200 < seen["python"] < 2048
 
 
 def test_70b_predictions_are_not_below_the_measured_peaks():
@@ -166,8 +199,8 @@ def test_every_rank_takes_the_plan_of_the_gpu_with_the_least_room(monkeypatch, t
     from qfsdp.distributed import Dist
 
     plan = CheckpointPlan(layers=32, checkpointed=25, budget=20 * GIB, fixed=10 * GIB, layer=1.5 * GIB,
-                          layer_input=0.06 * GIB, kept=1.0 * GIB, compiled=True)
-    monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size: (25, plan))
+                          layer_input=0.06 * GIB, kept=1.0 * GIB, compiled=True, row=2048)
+    monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size, longest: (25, plan))
     monkeypatch.setattr(train, "all_gather_object", lambda count: [count, 28, 27])  # a rank with less room: 28
     d = Dist(rank=0, world_size=3, local_rank=0, device=torch.device("cuda", 0))  # no GPU is touched
     assert train.checkpointed_layers(compose_config([]), d, tmp_path) == (28, plan)
@@ -175,7 +208,7 @@ def test_every_rank_takes_the_plan_of_the_gpu_with_the_least_room(monkeypatch, t
     # A rank whose plan failed takes part in the gather all the same, as "all": every rank then recomputes all.
     monkeypatch.setattr(train, "all_gather_object", lambda count: [count, None, 27])
     assert train.checkpointed_layers(compose_config([]), d, tmp_path) == (None, plan)
-    monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size: (None, None))
+    monkeypatch.setattr(train, "resolve_checkpointed_layers", lambda cfg, device, world_size, longest: (None, None))
     gathered = []
     monkeypatch.setattr(train, "all_gather_object", lambda count: gathered.append(count) or [count, 25])
     assert train.checkpointed_layers(compose_config([]), d, tmp_path) == (None, None) and gathered == [None]
@@ -212,7 +245,7 @@ def test_the_probe_leaves_nothing_allocated(compiled):
 
 
 @pytest.mark.parametrize("override, why", [("fsdp2=off", "fsdp2=off"), ("lora.lora_dropout=0.05", "lora_dropout=0.05"),
-                                           ("trainer.max_length=null", "no row length")])
+                                           ("trainer.max_length=null", "no tokenized rows")])
 def test_runs_the_probe_does_not_describe_recompute_every_layer(override, why, caplog, monkeypatch):
     # LoRA's dropout masks and float32 layer inputs (fsdp2=off) keep ~1.5x what the probe's plain layer counts.
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no plan expected"))

@@ -469,3 +469,16 @@ def test_synthetic_lengths_knob_is_typed():
     with pytest.raises(ConfigCompositionException) as e:
         compose_config(["dataset=synthetic", "dataset.lengths=normal"])
     assert "lengths" in str(e.value.__cause__ or e.value) and "lognormal" in str(e.value.__cause__ or e.value)
+
+
+def test_longest_row_reads_the_tokenized_column():
+    from datasets import Dataset
+
+    from qfsdp.data import longest_row
+
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3], [1] * 10, [4]]})
+    assert longest_row(rows) == 10
+    assert longest_row(rows, multiple=8) == 16  # as TRL's collator pads with pad_to_multiple_of
+    assert longest_row(rows.select([0, 2])) >= 3  # a selection reads the table underneath: never less
+    assert longest_row(Dataset.from_dict({"text": ["not tokenized"]})) is None
+    assert longest_row(Dataset.from_dict({"input_ids": []})) is None
