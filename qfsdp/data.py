@@ -525,11 +525,12 @@ def load_datasets(cfg: DatasetConfig, vocab_size: int, seed: int, raw=None):
 def longest_row(dataset, multiple: int | None = None) -> int | None:
     """The most tokens in a row of a dataset as the trainer tokenized it (its `input_ids`), rounded up to `multiple`
     (TRL's resolved `pad_to_multiple_of`, as its collator pads a batch), read off the Arrow column without building
-    the rows in Python; None where that column is not there. A dataset selected from another reads the whole table
-    underneath: never less than its own longest row."""
+    the rows in Python; None where that column is not there, or for a streamed dataset. A dataset selected from
+    another reads the whole table underneath: never less than its own longest row."""
+    import datasets
     import pyarrow.compute as pc
 
-    if "input_ids" not in (getattr(dataset, "column_names", None) or []) or len(dataset) == 0:
+    if not isinstance(dataset, datasets.Dataset) or "input_ids" not in dataset.column_names or len(dataset) == 0:
         return None
     longest = pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
     return math.ceil(longest / multiple) * multiple if multiple else longest

@@ -482,3 +482,4 @@ def test_longest_row_reads_the_tokenized_column():
     assert longest_row(rows.select([0, 2])) >= 3  # a selection reads the table underneath: never less
     assert longest_row(Dataset.from_dict({"text": ["not tokenized"]})) is None
     assert longest_row(Dataset.from_dict({"input_ids": []})) is None
+    assert longest_row(rows.to_iterable_dataset()) is None  # streamed: not known before training
