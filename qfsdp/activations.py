@@ -197,7 +197,7 @@ def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory:
     budget = RESERVED_SLACK * limit - OUTSIDE_ALLOCATOR
     count = checkpointed_count(layers, fixed, layer, layer_input, budget)
     kept = layer
-    # Compiling the probe costs time before loading (planning took ~17 s at 8B on an H200): only where the eager count
+    # Compiling the probe costs start-up time (planning took ~17 s at 8B on an H200): only where the eager count
     # leaves some layer recomputing.
     probe_compiled = compiled and count > 0
     if probe_compiled:
