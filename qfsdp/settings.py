@@ -165,6 +165,14 @@ def check_kernels(cfg: DictConfig, gpus: int) -> None:
                           f"{model_type} model; use kernels=none")
 
 
+def check_activation_offloading(cfg: DictConfig, gpus: int) -> None:
+    """trainer.activation_offloading (TRL's): saved activations go to pinned host memory on a side CUDA stream. TRL
+    builds it for the machine's accelerator, which a CPU process has none of: it would fail after loading."""
+    if cfg.trainer.get("activation_offloading") and gpus == 0:
+        raise ConfigError("trainer.activation_offloading=true copies activations from a GPU to host memory and no GPU "
+                          "is visible; use trainer.activation_offloading=false on CPU")
+
+
 def liger_import_error() -> str | None:
     """Why Liger's Llama patch does not import (None when it does). The import is the one model.apply_kernels makes:
     it loads Triton and checks the transformers version, which a broken install fails only then."""

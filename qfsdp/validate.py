@@ -97,9 +97,10 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _check_kernels(cfg: DictConfig, machine: Machine) -> None:
-    from qfsdp.settings import check_kernels
+    from qfsdp.settings import check_activation_offloading, check_kernels
 
     check_kernels(cfg, machine.gpus)
+    check_activation_offloading(cfg, machine.gpus)
 
 
 def _check_trainer_config(cfg: DictConfig, world_size: int) -> None:

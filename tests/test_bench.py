@@ -89,7 +89,8 @@ def test_training_imports_nothing_from_the_bench():
 NEW_ROWS = ["qfsdp-1-lognormal", "qfsdp-1-pack", "stock-1-lognormal", "stock-1-noac", "qfsdp-1-noac-compile",
             "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det",
             "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16", "qfsdp-1-compile-auto", "qfsdp-1-compile-auto24",
-            "qfsdp-1-compile-auto-det", "kaggle-1-ckptall"]
+            "qfsdp-1-compile-auto-det", "kaggle-1-ckptall", "qfsdp-1-compile-offact", "qfsdp-1-compile-ckpt20-offact",
+            "qfsdp-1-compile-ckpt12-offact", "qfsdp-1-offact-det"]
 
 
 def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
@@ -122,6 +123,9 @@ def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
     auto_det = cfgs["qfsdp-1-compile-auto-det"]
     assert auto_det.deterministic and auto_det.compile and auto_det.fsdp2.checkpointed_layers == "auto"
     assert cfgs["kaggle-1-ckptall"].fsdp2.checkpointed_layers == "all" and cfgs["kaggle-1-ckptall"].gpu_memory_limit_gib == 15
+    offact = [n for n in NEW_ROWS if "offact" in n]
+    assert all(cfgs[n].trainer.activation_offloading for n in offact) and cfgs["qfsdp-1-offact-det"].deterministic
+    assert [cfgs[n].fsdp2.checkpointed_layers for n in offact] == ["all", 20, 12, "all"]
 
 
 def test_stock_recipe_trains_on_qfsdps_lognormal_rows():
@@ -221,6 +225,10 @@ def test_liger_parity_checks_and_the_table():
     assert _checks(reference, far)[defaults][0] is None  # not run
     assert _checks(reference, _result("qfsdp-1-compile-auto-det", 9000, losses=(12.0, 11.5011, 11.0)))[defaults][0] \
         is False
+    offload = ("activation offloading on vs off identical: qfsdp-1-offact-det vs qfsdp-1-det, "
+               "per-step |dloss| <= 1e-5")
+    assert _checks(reference, _result("qfsdp-1-offact-det", 6500, losses=(12.0, 11.5, 11.0)))[offload][0] is True
+    assert _checks(reference, _result("qfsdp-1-offact-det", 6500, losses=(12.0, 11.5001, 11.0)))[offload][0] is False
     rows = [reference, _result("qfsdp-1-pack", 6400, real=128_000, padding=32_000)]
     text = table(rows, {"preset": "llama8b", "preset_overrides": [], "ceiling": {"tflops": 800.0},
                         "flops_per_token": 3.324e10, "warmup_steps": 3}, checks(rows))

@@ -102,6 +102,7 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("trainer.completion_only_loss=true", (), "needs prompt-completion data"),
     ("trainer.output_dir=out", (), "use hydra.run.dir=DIR"),
     ("trainer.use_liger_kernel=true", (), "use kernels=liger instead"),
+    ("trainer.activation_offloading=true", (), "no GPU is visible; use trainer.activation_offloading=false"),
     # trainer: TRL's and transformers' own checks, from building the SFTConfig
     ("trainer.optim=adamw_fast", (), "trainer.optim=adamw_fast was refused"),
     ("trainer.lr_scheduler_type=wavy", (), "trainer.lr_scheduler_type=wavy was refused"),

@@ -56,6 +56,7 @@ DET = ("deterministic=true",)
 # so the packed row does not see data twice.
 LOGNORMAL = ("dataset.lengths=lognormal", "dataset.median_length=256", "dataset.num_samples=2048")
 LIGER = ("kernels=liger",)
+OFFACT = ("trainer.activation_offloading=true",)
 # The Kaggle 2 x T4 recipes: random 8B weights drawn on the GPU (no checkpoint to build), deterministic for parity.
 KAGGLE = ("experiment=kaggle_2xt4", "model.random_init=true", *DET)
 KAGGLE_OFFLOAD = ("experiment=kaggle_2xt4_offload", "model.random_init=true", *DET)
@@ -80,6 +81,13 @@ ROWS = {
     "qfsdp-1-compile-auto": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=auto", "compile=true")),
     "qfsdp-1-compile-auto24": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=auto", "compile=true",
                                                "gpu_memory_limit_gib=24")),
+    # TRL's activation offloading: what autograd saves goes to pinned host memory on a side stream and comes back
+    # in the backward. With every layer recomputing that is only the layers' inputs; with fewer recomputing, the
+    # kept layers' activations too, so they need no GPU memory but cross PCIe twice a micro-step.
+    "qfsdp-1-compile-offact": Row("qfsdp", 1, ("compile=true", *OFFACT)),
+    "qfsdp-1-compile-ckpt20-offact": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=20", "compile=true", *OFFACT)),
+    "qfsdp-1-compile-ckpt12-offact": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=12", "compile=true", *OFFACT)),
+    "qfsdp-1-offact-det": Row("qfsdp", 1, (*OFFACT, *DET)),
     "qfsdp-1-liger": Row("qfsdp", 1, LIGER),
     "qfsdp-1-liger-compile": Row("qfsdp", 1, (*LIGER, "compile=true")),
     "qfsdp-1-lognormal": Row("qfsdp", 1, LOGNORMAL),

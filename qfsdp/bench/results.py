@@ -90,6 +90,9 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     for fused in ("qfsdp-1-liger-det", "qfsdp-1-liger-compile-det"):
         check(f"kernels=liger vs eager: {fused} vs qfsdp-1-det, per-step |dloss| <= 1e-3", ["qfsdp-1-det", fused],
               dloss_within(1e-3))
+    # Activation offloading copies saved tensors out and back bit for bit, so the losses should be equal.
+    check("activation offloading on vs off identical: qfsdp-1-offact-det vs qfsdp-1-det, per-step |dloss| <= 1e-5",
+          ["qfsdp-1-det", "qfsdp-1-offact-det"], dloss_within(1e-5))
     # Keeping layers' activations changes no arithmetic; compile's fusions round differently (as above).
     check("the GPU defaults (compile, auto checkpointing) vs eager, every layer recomputing: qfsdp-1-compile-auto-det "
           "vs qfsdp-1-det, per-step |dloss| <= 1e-3", ["qfsdp-1-det", "qfsdp-1-compile-auto-det"], dloss_within(1e-3))
