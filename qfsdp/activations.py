@@ -216,6 +216,8 @@ def unplannable(cfg, longest: int | None = None) -> str | None:
         return "fsdp2=off"
     if cfg.lora.enabled and cfg.lora.lora_dropout > 0:
         return f"lora.lora_dropout={cfg.lora.lora_dropout}"
+    if cfg.trainer.get("activation_offloading"):  # kept layers' activations would cross PCIe (docs/design.md)
+        return "trainer.activation_offloading=true: only the layers' inputs are saved, on the host"
     return None
 
 

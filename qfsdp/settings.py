@@ -167,10 +167,26 @@ def check_kernels(cfg: DictConfig, gpus: int) -> None:
 
 def check_activation_offloading(cfg: DictConfig, gpus: int) -> None:
     """trainer.activation_offloading (TRL's): saved activations go to pinned host memory on a side CUDA stream. TRL
-    builds it for the machine's accelerator, which a CPU process has none of: it would fail after loading."""
-    if cfg.trainer.get("activation_offloading") and gpus == 0:
+    builds it for the machine's accelerator, which a CPU process has none of: it would fail after loading. TRL
+    (1.16) hands non-contiguous saved tensors back contiguous, which a compiled layer's backward refuses (its
+    strides are asserted), so under compile every layer must recompute: then only the layers' inputs are saved."""
+    if not cfg.trainer.get("activation_offloading"):
+        return
+    if gpus == 0:
         raise ConfigError("trainer.activation_offloading=true copies activations from a GPU to host memory and no GPU "
                           "is visible; use trainer.activation_offloading=false on CPU")
+    from qfsdp.config import compile_enabled
+
+    if not compile_enabled(cfg, "cuda", capability=(7, 0)):
+        return
+    fsdp2 = cfg.fsdp2
+    keeps = ("fsdp2.activation_checkpointing=false" if not fsdp2.activation_checkpointing else
+             f"fsdp2.checkpointed_layers={fsdp2.checkpointed_layers}"
+             if fsdp2.checkpointed_layers not in ("auto", "all", None) else None)
+    if keeps is not None:
+        raise ConfigError(f"trainer.activation_offloading=true with compile and {keeps} fails in the backward: TRL "
+                          f"hands the compiled layers' saved tensors back in other strides; use "
+                          f"fsdp2.checkpointed_layers=all (only the layers' inputs are then offloaded) or compile=false")
 
 
 def liger_import_error() -> str | None:

@@ -245,7 +245,8 @@ def test_the_probe_leaves_nothing_allocated(compiled):
 
 
 @pytest.mark.parametrize("override, why", [("fsdp2=off", "fsdp2=off"), ("lora.lora_dropout=0.05", "lora_dropout=0.05"),
-                                           ("trainer.max_length=null", "no tokenized rows")])
+                                           ("trainer.max_length=null", "no tokenized rows"),
+                                           ("trainer.activation_offloading=true", "activation_offloading=true")])
 def test_runs_the_probe_does_not_describe_recompute_every_layer(override, why, caplog, monkeypatch):
     # LoRA's dropout masks and float32 layer inputs (fsdp2=off) keep ~1.5x what the probe's plain layer counts.
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no plan expected"))

@@ -82,11 +82,8 @@ ROWS = {
     "qfsdp-1-compile-auto24": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=auto", "compile=true",
                                                "gpu_memory_limit_gib=24")),
     # TRL's activation offloading: what autograd saves goes to pinned host memory on a side stream and comes back
-    # in the backward. With every layer recomputing that is only the layers' inputs; with fewer recomputing, the
-    # kept layers' activations too, so they need no GPU memory but cross PCIe twice a micro-step.
+    # in the backward; with every layer recomputing, that is the layers' inputs (under compile it must be so).
     "qfsdp-1-compile-offact": Row("qfsdp", 1, ("compile=true", *OFFACT)),
-    "qfsdp-1-compile-ckpt20-offact": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=20", "compile=true", *OFFACT)),
-    "qfsdp-1-compile-ckpt12-offact": Row("qfsdp", 1, ("fsdp2.checkpointed_layers=12", "compile=true", *OFFACT)),
     "qfsdp-1-offact-det": Row("qfsdp", 1, (*OFFACT, *DET)),
     "qfsdp-1-liger": Row("qfsdp", 1, LIGER),
     "qfsdp-1-liger-compile": Row("qfsdp", 1, (*LIGER, "compile=true")),
