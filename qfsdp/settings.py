@@ -145,6 +145,34 @@ def _check_report_to(report_to: Any) -> None:
                               f"{', '.join(allowed)}, e.g. trainer.report_to=tensorboard")
 
 
+# ---- activation offloading ----
+
+def check_activation_offloading(cfg: DictConfig, gpus: int) -> None:
+    """trainer.activation_offloading (TRL's): saved activations go to pinned host memory on a side CUDA stream. TRL
+    builds it for the machine's accelerator, which a CPU process has none of: it would fail after loading. TRL
+    (1.16) hands non-contiguous saved tensors back contiguous, which a compiled layer's backward refuses (its
+    strides are asserted), so under compile every layer must recompute: then only the layers' inputs are saved."""
+    if not cfg.trainer.get("activation_offloading"):
+        return
+    if gpus == 0:
+        raise ConfigError("trainer.activation_offloading=true copies activations from a GPU to host memory and no GPU "
+                          "is visible; use trainer.activation_offloading=false on CPU")
+    from qfsdp.config import compile_enabled
+
+    if not compile_enabled(cfg, "cuda", capability=(7, 0)):
+        return
+    fsdp2 = cfg.fsdp2
+    if not fsdp2.activation_checkpointing:
+        keeps, fix = "fsdp2.activation_checkpointing=false", "fsdp2.activation_checkpointing=true"
+    elif fsdp2.checkpointed_layers not in ("auto", "all", None):
+        keeps, fix = f"fsdp2.checkpointed_layers={fsdp2.checkpointed_layers}", "fsdp2.checkpointed_layers=all"
+    else:
+        return
+    raise ConfigError(f"trainer.activation_offloading=true with compile and {keeps} fails in the backward: TRL hands "
+                      f"the compiled layers' saved tensors back in other strides; use {fix} (only the layers' inputs "
+                      f"are then offloaded) or compile=false")
+
+
 # ---- fused kernels ----
 
 def check_kernels(cfg: DictConfig, gpus: int) -> None:
@@ -163,30 +191,6 @@ def check_kernels(cfg: DictConfig, gpus: int) -> None:
     if model_type is not None and model_type not in LIGER_MODEL_TYPES:
         raise ConfigError(f"kernels=liger applies to Llama models only, but model.path={cfg.model.path} is a "
                           f"{model_type} model; use kernels=none")
-
-
-def check_activation_offloading(cfg: DictConfig, gpus: int) -> None:
-    """trainer.activation_offloading (TRL's): saved activations go to pinned host memory on a side CUDA stream. TRL
-    builds it for the machine's accelerator, which a CPU process has none of: it would fail after loading. TRL
-    (1.16) hands non-contiguous saved tensors back contiguous, which a compiled layer's backward refuses (its
-    strides are asserted), so under compile every layer must recompute: then only the layers' inputs are saved."""
-    if not cfg.trainer.get("activation_offloading"):
-        return
-    if gpus == 0:
-        raise ConfigError("trainer.activation_offloading=true copies activations from a GPU to host memory and no GPU "
-                          "is visible; use trainer.activation_offloading=false on CPU")
-    from qfsdp.config import compile_enabled
-
-    if not compile_enabled(cfg, "cuda", capability=(7, 0)):
-        return
-    fsdp2 = cfg.fsdp2
-    keeps = ("fsdp2.activation_checkpointing=false" if not fsdp2.activation_checkpointing else
-             f"fsdp2.checkpointed_layers={fsdp2.checkpointed_layers}"
-             if fsdp2.checkpointed_layers not in ("auto", "all", None) else None)
-    if keeps is not None:
-        raise ConfigError(f"trainer.activation_offloading=true with compile and {keeps} fails in the backward: TRL "
-                          f"hands the compiled layers' saved tensors back in other strides; use "
-                          f"fsdp2.checkpointed_layers=all (only the layers' inputs are then offloaded) or compile=false")
 
 
 def liger_import_error() -> str | None:
