@@ -159,6 +159,8 @@ def check_activation_offloading(cfg: DictConfig, gpus: int) -> None:
                           "is visible; use trainer.activation_offloading=false on CPU")
     from qfsdp.config import compile_enabled
 
+    # Before any GPU is queried: compile's default as on every GPU it supports (an older one would run eager, and
+    # the message offers compile=false).
     if not compile_enabled(cfg, "cuda", capability=(7, 0)):
         return
     fsdp2 = cfg.fsdp2
