@@ -209,14 +209,15 @@ def plan_checkpointing(cfg, device: torch.device, world_size: int, total_memory:
 def unplannable(cfg, longest: int | None = None) -> str | None:
     """Why `auto` cannot plan this run (every layer then recomputes), or None. The probe's layer is a plain layer
     in the compute dtype: LoRA's dropout masks, and float32 LoRA weights left unsharded (fsdp2=off, where PEFT casts
-    each layer input to float32), keep ~1.5x what it counts."""
+    each layer input to float32), keep ~1.5x what it counts. With activation offloading the plan's GPU arithmetic
+    does not apply, and recomputing every layer is what pays (docs/design.md)."""
     if row_length(cfg, longest) is None:
         return "trainer.max_length=null and no tokenized rows: no row length"
     if not cfg.fsdp2.enabled:
         return "fsdp2=off"
     if cfg.lora.enabled and cfg.lora.lora_dropout > 0:
         return f"lora.lora_dropout={cfg.lora.lora_dropout}"
-    if cfg.trainer.get("activation_offloading"):  # kept layers' activations would cross PCIe (docs/design.md)
+    if cfg.trainer.get("activation_offloading"):
         return "trainer.activation_offloading=true: only the layers' inputs are saved, on the host"
     return None
 

@@ -71,6 +71,7 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     world_size = resolve_world_size(cfg, machine, torchrun_world_size, slurm)
     _check_settings(cfg)
     _check_kernels(cfg, machine)
+    _check_activation_offloading(cfg, machine)
     _check_precision(cfg, machine)
     _check_parallelism(cfg, world_size)
     _check_batch(cfg, world_size)
@@ -97,9 +98,14 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _check_kernels(cfg: DictConfig, machine: Machine) -> None:
-    from qfsdp.settings import check_activation_offloading, check_kernels
+    from qfsdp.settings import check_kernels
 
     check_kernels(cfg, machine.gpus)
+
+
+def _check_activation_offloading(cfg: DictConfig, machine: Machine) -> None:
+    from qfsdp.settings import check_activation_offloading
+
     check_activation_offloading(cfg, machine.gpus)
 
 
