@@ -2,24 +2,26 @@
 
 `fully_shard` turns a bitsandbytes `Params4bit` into a plain DTensor: the packed bytes are sharded, but the
 `quant_state` (absmax, code table, original shape) is dropped from the parameter, and bitsandbytes only keeps
-working because `Linear4bit.forward` re-attaches the module's copy, whole on every rank. Here both are parameters
-FSDP2 shards: each 4-bit weight's packed bytes, and one `quant_statistics` parameter per module holding 4-bit layers
-(a decoder layer), the bytes of their statistics one after another (absmax, and with double quantization the nested
-absmax and offset). Each rank holds 1/world_size of all of them; only the code tables and sizes (`_Statistics`, a
-few hundred bytes per weight) stay whole on every rank, as constant metadata.
+working because `Linear4bit.forward` re-attaches the module's copy, whole on every rank. Here the 4-bit state of a
+module holding 4-bit layers (a decoder layer) is one parameter FSDP2 shards, `packed_4bit`: the packed bytes of each
+of its 4-bit weights, each followed by that weight's statistics (absmax, and with double quantization the nested
+absmax and offset). Each rank holds 1/world_size of it; only the code tables and sizes (`_Layout`, a few hundred
+bytes per weight) stay whole on every rank, as constant metadata. One parameter per layer rather than one per
+weight: FSDP2's host work per gather grows with the number of parameters it gathers (docs/design.md).
 
-Both are `NF4Weight`s, a small tensor subclass implementing FSDP2's all-gather extension points:
+It is an `NF4Weight`, a small tensor subclass implementing FSDP2's all-gather extension points:
 
 - `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the bytes as integers of the storage's width (byte-exact
   whatever the storage dtype: FSDP2 never casts them, and NaN bit patterns in float storage cannot be touched);
 - `fsdp_post_all_gather` hands the gathered bytes to compute as a plain tensor; `attach_quant_states` gives each
-  gathered weight, once, a quant state whose statistics are views of the gathered `quant_statistics`. FSDP2 gathers
-  into the same storage for the whole run, so compute always sees exactly the unsharded weight's bytes and
-  statistics, and bitsandbytes' kernels run on them without this subclass's Python dispatch.
+  4-bit layer, once, a weight that is a view of its bytes in the gathered tensor, of the dtype and shape bitsandbytes
+  gave it, with a quant state whose statistics are views too. FSDP2 gathers into the same storage for the whole run,
+  so compute always sees exactly the unsharded weight's bytes and statistics, and bitsandbytes' kernels run on them
+  without this subclass's Python dispatch.
 
 Every other op on an `NF4Weight` runs on the bytes. Ops that only move, view or copy bytes (the ones FSDP2 uses to
 chunk, pad and offload a parameter) return an `NF4Weight` again; anything else receives the plain bytes and returns
-plain tensors (compute never sees an `NF4Weight`: it gets the gathered plain tensor, and `fsdp2=off` keeps
+plain tensors (compute never sees an `NF4Weight`: it gets views of the gathered plain tensor, and `fsdp2=off` keeps
 bitsandbytes' own `Params4bit`).
 """
 
@@ -37,7 +39,8 @@ from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
 
-STATISTICS = "quant_statistics"  # the parameter holding a module's 4-bit statistics (to_nf4_weights)
+PACKED_4BIT = "packed_4bit"  # the parameter holding a module's 4-bit weights and statistics (to_nf4_weights)
+ALIGN = 128  # byte alignment of each packed weight in it, for bitsandbytes' vectorized loads
 
 # Ops that keep the bytes' meaning: their result is still (part of) the packed weight.
 _BYTE_PRESERVING_OPS = {
@@ -69,8 +72,8 @@ _QUANT_STATE_FIELDS = ("absmax", "shape", "code", "blocksize", "quant_type", "dt
 
 
 class NF4Weight(torch.Tensor):
-    """Bytes FSDP2 shards and gathers exactly: a 4-bit weight's packed bytes, or a module's quantization statistics
-    (then `quant_layout` says whose they are and where: [(linear's name under the module, _Statistics)])."""
+    """Bytes FSDP2 shards and gathers exactly: the packed 4-bit weights and statistics of a module's 4-bit layers;
+    `quant_layout` says whose they are and where: ((linear's name under the module, _Layout), ...)."""
 
     packed: torch.Tensor
     quant_layout: tuple | None
@@ -92,10 +95,9 @@ class NF4Weight(torch.Tensor):
         self.quant_layout = quant_layout
 
     def __repr__(self) -> str:
-        what = "statistics" if self.quant_layout is not None else "packed"
-        return f"NF4Weight({what}={tuple(self.packed.shape)}, {self.dtype})"
+        return f"NF4Weight(packed={tuple(self.packed.shape)}, {self.dtype})"
 
-    # torch.compile: the statistics' layout is constant metadata, the bytes the only traced tensor.
+    # torch.compile: the layout is constant metadata, the bytes the only traced tensor.
     def __tensor_flatten__(self):
         return ["packed"], self.quant_layout
 
@@ -142,7 +144,7 @@ class NF4Weight(torch.Tensor):
             # FSDP2 re-gathers into the same buffer `out` already views; nothing to rebuild.
             return
         # Compute gets the gathered bytes as a plain tensor: every op on a tensor subclass goes through Python
-        # dispatch. `attach_quant_states` gives the gathered weights their quant states on first use.
+        # dispatch. `attach_quant_states` gives the 4-bit layers their views of it on first use.
         return gathered.view(storage_dtype), (gathered,)
 
 
@@ -181,7 +183,7 @@ def _flat(args, kwargs):
             yield a
 
 
-# -- quantization statistics ----------------------------------------------------------------------------------
+# -- the layout of a module's 4-bit state ----------------------------------------------------------------------
 
 def _replace(qs: QuantState, **changes) -> QuantState:
     # A new QuantState rather than copy.copy: QuantState.__getattr__ recurses on a half-built copy.
@@ -194,70 +196,84 @@ def _statistics(qs: QuantState) -> list[torch.Tensor]:
     return [qs.absmax, qs.state2.absmax, qs.offset] if qs.nested else [qs.absmax]
 
 
-class _Statistics:
-    """Where one weight's statistics sit in its module's `quant_statistics` bytes (from byte `start`), and the rest
-    of its quant state (code tables, shape, dtype, blocksize), replicated on every rank."""
+def _aligned(at: int, to: int) -> int:
+    return at + -at % to
 
-    def __init__(self, qs: QuantState, start: int = 0):
-        self.segments = []  # (byte offset, dtype, shape) of each statistics tensor
-        at = start
+
+class _Layout:
+    """Where one 4-bit weight's packed bytes and statistics sit in its module's `packed_4bit` bytes (the weights first,
+    each from a multiple of ALIGN; then the statistics, each from a multiple of 4 so that a float32 statistic is a
+    view), and the rest of its quant state (code tables, shape, dtype, blocksize), replicated on every rank."""
+
+    def __init__(self, weight: torch.Tensor, qs: QuantState, weight_at: int = 0, statistics_at: int = 0):
+        self.segments = [(weight_at, weight.dtype, tuple(weight.shape))]  # (byte offset, dtype, shape) of each
+        self.weight_nbytes = _aligned(weight.numel() * weight.element_size(), ALIGN)
+        at = statistics_at
         for t in _statistics(qs):
-            at += -at % 4  # 4-byte aligned, so a float32 statistic is a view of the gathered bytes
+            at = _aligned(at, 4)
             self.segments.append((at, t.dtype, tuple(t.shape)))
             at += t.numel() * t.element_size()
-        self.nbytes = at + -at % 4 - start
+        self.statistics_nbytes = _aligned(at, 4) - statistics_at
         state2 = _replace(qs.state2, absmax=None) if qs.nested else None
         self.template = _replace(qs, absmax=None, offset=None, state2=state2)
 
-    def write(self, qs: QuantState, out: torch.Tensor) -> None:
-        """Copy `qs`'s statistics into the uint8 vector `out` at their offsets."""
-        for (at, _, _), t in zip(self.segments, _statistics(qs)):
+    @property
+    def nbytes(self) -> int:
+        return self.weight_nbytes + self.statistics_nbytes
+
+    def write(self, weight: torch.Tensor, qs: QuantState, out: torch.Tensor) -> None:
+        """Copy the packed `weight` and `qs`'s statistics into the uint8 vector `out` at their offsets."""
+        for (at, _, _), t in zip(self.segments, [weight, *_statistics(qs)]):
             b = t.detach().contiguous().view(-1).view(torch.uint8)
             out[at:at + b.numel()] = b
 
-    def quant_state(self, data: torch.Tensor) -> QuantState:
-        """A quant state whose statistics are views of `data` (the gathered statistics' bytes), not copies."""
+    def weight(self, data: torch.Tensor) -> torch.Tensor:
+        """The packed weight as a view of `data` (the gathered bytes), of the dtype and shape it was quantized to, with
+        a quant state whose statistics are views of `data` too: nothing is copied."""
         data = data.view(-1).view(torch.uint8)
-        views = [data[at:at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-                 for at, dtype, shape in self.segments]
+        (weight, *views) = [data[at:at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                            for at, dtype, shape in self.segments]
         if not self.template.nested:
-            return _replace(self.template, absmax=views[0])
+            weight.quant_state = _replace(self.template, absmax=views[0])
+            return weight
         absmax, absmax2, offset = views
         state2 = _replace(self.template.state2, absmax=absmax2)
-        return _replace(self.template, absmax=absmax, offset=offset, state2=state2)
+        weight.quant_state = _replace(self.template, absmax=absmax, offset=offset, state2=state2)
+        return weight
 
 
 def to_nf4_weights(owner: nn.Module, linears: list[bnb.nn.Linear4bit]) -> None:
-    """Replace the `Params4bit` of quantized `linears` (submodules of `owner`) by `NF4Weight`s of their packed bytes,
-    and their quant states' statistics by one frozen parameter of `owner`, `quant_statistics`, in place. FSDP2
-    shards it in `owner`'s unit like the packed bytes; the linears keep no quant state until the first all-gather
-    (attach_quant_states)."""
-    if not linears or hasattr(owner, STATISTICS):
+    """Move the packed bytes and statistics of quantized `linears` (submodules of `owner`) into one frozen parameter
+    of `owner`, `packed_4bit`, an `NF4Weight`, in place. FSDP2 shards it in `owner`'s unit; the linears keep no weight
+    and no quant state until the first all-gather (attach_quant_states)."""
+    if not linears or hasattr(owner, PACKED_4BIT):
         return
-    names = {m: name for name, m in owner.named_modules()}
-    layout, at = [], 0
     for m in linears:
         if getattr(m.weight, "quant_state", None) is None:
             raise ValueError(f"{m} holds no quantized weight (no quant_state); quantize before sharding")
-        layout.append((names[m], _Statistics(m.weight.quant_state, at)))
-        at += layout[-1][1].nbytes
-    data = torch.zeros(at, dtype=torch.uint8, device=linears[0].weight.device)
-    for m, (_, stats) in zip(linears, layout):
-        stats.write(m.weight.quant_state, data)
-        m.weight = nn.Parameter(NF4Weight(_storage_view(m.weight.data)), requires_grad=False)
-        m.quant_state = None  # the gathered weight's own comes from quant_statistics
+    names = {m: name for name, m in owner.named_modules()}
+    weights = sum(_Layout(m.weight.data, m.weight.quant_state).weight_nbytes for m in linears)
+    layout, weight_at, statistics_at = [], 0, weights
+    for m in linears:
+        layout.append((names[m], _Layout(m.weight.data, m.weight.quant_state, weight_at, statistics_at)))
+        weight_at += layout[-1][1].weight_nbytes
+        statistics_at += layout[-1][1].statistics_nbytes
+    data = torch.zeros(statistics_at, dtype=torch.uint8, device=linears[0].weight.device)
+    for m, (_, where) in zip(linears, layout):
+        where.write(m.weight.data, m.weight.quant_state, data)
+        del m._parameters["weight"]
+        m.weight = None  # a plain attribute from here on: a view of the gathered bytes once gathered
+        m.quant_state = None
         keep_portable_cpu_kernels(m)
-    statistics = NF4Weight(_storage_view(data.view(-1, 1)), tuple(layout))
-    owner.register_parameter(STATISTICS, nn.Parameter(statistics, requires_grad=False))
+    packed = NF4Weight(_storage_view(data), tuple(layout))
+    owner.register_parameter(PACKED_4BIT, nn.Parameter(packed, requires_grad=False))
 
 
 def _storage_view(packed: torch.Tensor) -> torch.Tensor:
-    if packed.dtype == torch.uint8 and packed.numel() % 2 == 0:
-        # FSDP2 before torch 2.13 creates every sharded parameter with requires_grad=True, which integer tensors
-        # refuse. Byte pairs reinterpreted as bfloat16 (a view, not a cast) are a float parameter to FSDP2, and
-        # are still gathered as raw bytes (fsdp_pre_all_gather), so no value is ever converted.
-        return packed.view(-1).view(torch.bfloat16).view(-1, 1)
-    return packed
+    # FSDP2 before torch 2.13 creates every sharded parameter with requires_grad=True, which integer tensors refuse.
+    # Byte pairs reinterpreted as bfloat16 (a view, not a cast) are a float parameter to FSDP2, and are still
+    # gathered as raw bytes (fsdp_pre_all_gather), so no value is ever converted. The length is a multiple of 4.
+    return packed.view(-1).view(torch.bfloat16).view(-1, 1)
 
 
 def keep_portable_cpu_kernels(module: bnb.nn.Linear4bit) -> None:
@@ -267,56 +283,58 @@ def keep_portable_cpu_kernels(module: bnb.nn.Linear4bit) -> None:
 
 
 def attach_quant_states(unit: nn.Module, owner: nn.Module) -> None:
-    """Give the gathered weights of `owner`'s 4-bit layers (managed by the FSDP2 unit `unit`, `owner` already
-    sharded by `to_nf4_weights`) their quant states, in a forward pre-hook of `unit` that runs right after FSDP2
-    gathers them: views of `owner`'s gathered `quant_statistics`.
+    """Give the 4-bit layers of `owner` (managed by the FSDP2 unit `unit`, `owner` already prepared by
+    `to_nf4_weights`) their weights and quant states, in a forward pre-hook of `unit` that runs right after FSDP2
+    gathers them: views of `owner`'s gathered `packed_4bit`.
 
-    FSDP2 keeps the gathered parameter objects for the whole run and gathers into the same storage, so this sets
-    each attribute once. Without it, bitsandbytes' `Linear4bit.forward` would replace `module.weight` by a new
-    `Params4bit` on every call (its fallback for sharded weights), and a compiled layer would see a different weight
-    on its first call than later (at which point 1- and 2-process compiled runs stopped matching). The hook is kept
-    out of torch.compile; on the unit, not on each linear, it costs one graph break before the unit's body rather
-    than one per linear.
+    FSDP2 keeps the gathered parameter for the whole run and gathers into the same storage, so this sets each
+    attribute once (again only if FSDP2 ever made a new gathered parameter). The views are the very objects
+    bitsandbytes' `Linear4bit.forward` reads, so it never rebuilds a `Params4bit` (its fallback for sharded weights),
+    and a compiled layer sees the same weight on every call (with a new one on its first call, 1- and 2-process
+    compiled runs stopped matching). The hook is kept out of torch.compile; on the unit, not on each linear, it costs
+    one graph break before the unit's body rather than one per linear.
     """
-    layout = getattr(owner, STATISTICS).to_local().quant_layout  # constant metadata of the sharded parameter
-    linears = [(owner.get_submodule(name), stats) for name, stats in layout]
+    layout = getattr(owner, PACKED_4BIT).to_local().quant_layout  # constant metadata of the sharded parameter
+    linears = [(owner.get_submodule(name), where) for name, where in layout]
+    viewed = [None]  # the gathered parameter the linears' weights view
 
     @torch.compiler.disable
     def hook(module, args):
-        for m, stats in linears:
-            if getattr(m.weight, "quant_state", None) is None:
-                m.weight.quant_state = m.quant_state = stats.quant_state(getattr(owner, STATISTICS))
+        gathered = getattr(owner, PACKED_4BIT)
+        if gathered is viewed[0]:
+            return
+        for m, where in linears:
+            m.weight = where.weight(gathered)
+            m.quant_state = m.weight.quant_state
+        viewed[0] = gathered
 
     unit.register_forward_pre_hook(hook)
 
 
 def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
-    """The packed 4-bit bytes held by this rank, as a flat uint8 vector (plain, NF4Weight and DTensor weights)."""
+    """The bytes held by this rank of a 4-bit weight or a `packed_4bit` parameter, as a flat uint8 vector (plain,
+    NF4Weight and DTensor)."""
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     local = local.packed if isinstance(local, NF4Weight) else local
     return local.detach().contiguous().view(torch.uint8).view(-1)
 
 
 def held_bytes(module: nn.Module) -> int:
-    """Bytes of 4-bit state this rank holds for one module, sharded or not: the packed bytes of a `Linear4bit`, plus
-    its statistics where it keeps them whole (bitsandbytes' `Params4bit`, or its module's copy; counted as
-    `to_nf4_weights` lays them out, so that shards add up to exactly that); the shard of a `quant_statistics`
-    parameter. The code tables, a constant few hundred bytes a weight, are not counted."""
+    """Bytes of 4-bit state this rank holds for one module, sharded or not: the packed bytes of a `Linear4bit` that
+    keeps its own weight (bitsandbytes' `Params4bit`) and its statistics, counted as `to_nf4_weights` lays them out,
+    so that shards add up to exactly that; the shard of a `packed_4bit` parameter. A weight that views gathered
+    bytes is not held. The code tables, a constant few hundred bytes a weight, are not counted."""
     held = 0
-    if isinstance(module, bnb.nn.Linear4bit):
-        held += packed_bytes(module.weight).numel()
-        local = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
-        qs = getattr(module.weight, "quant_state", None)
-        qs = qs if qs is not None else getattr(module, "quant_state", None)
-        if qs is not None and not isinstance(local, NF4Weight):
-            held += _Statistics(qs).nbytes
-    if (statistics := module._parameters.get(STATISTICS)) is not None:
-        held += packed_bytes(statistics).numel()
+    if isinstance(module, bnb.nn.Linear4bit) and (weight := module._parameters.get("weight")) is not None:
+        qs = getattr(weight, "quant_state", None)
+        qs = qs if qs is not None else module.quant_state
+        held += _Layout(weight.data, qs).nbytes
+    if (packed := module._parameters.get(PACKED_4BIT)) is not None:
+        held += packed_bytes(packed).numel()
     return held
 
 
 def dequantize(weight: torch.Tensor, quant_state: Any = None) -> torch.Tensor:
     """Dequantize a full (unsharded) packed weight; used by tests and adapter merging."""
     qs = quant_state or weight.quant_state
-    data = weight.packed if isinstance(weight, NF4Weight) else weight
-    return bnb.functional.dequantize_4bit(data.view(-1, 1).contiguous(), qs)
+    return bnb.functional.dequantize_4bit(weight.view(-1, 1).contiguous(), qs)

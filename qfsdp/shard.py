@@ -3,7 +3,7 @@
 1. activation checkpointing per decoder layer;
 2. one unit of `layers_per_unit` decoder layers at a time: draw its random weights on the device if the model has
    no checkpoint (`model.random_model`), cast its frozen weights, move them to the device (bitsandbytes quantizes
-   as they arrive), wrap the 4-bit weights and their quantization statistics as `NF4Weight`s, compile,
+   as they arrive), move each layer's 4-bit weights and their quantization statistics into one `NF4Weight`, compile,
    `fully_shard` the unit;
    so no device ever holds more than its shards plus one unit in full precision;
 3. the input embedding and the frozen head as units of their own, stray 4-bit layers, then the root.
@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qfsdp.config import FSDP2Config
 from qfsdp.model import base_model, decoder_layers, random_weights
-from qfsdp.nf4 import (STATISTICS, NF4Weight, attach_quant_states, held_bytes, keep_portable_cpu_kernels,
+from qfsdp.nf4 import (PACKED_4BIT, NF4Weight, attach_quant_states, held_bytes, keep_portable_cpu_kernels,
                         to_nf4_weights)
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2
                     ignored_params=vectors if place.manage_frozen else set(frozen), **place.fsdp_kwargs)
         if place.manage_frozen:
             for layer in unit:
-                if hasattr(layer, STATISTICS):
+                if hasattr(layer, PACKED_4BIT):
                     attach_quant_states(layer, layer)
     logger.info("fully_shard: %d decoder layers in %d units%s%s%s", len(layers), len(units),
                 ", frozen weights offloaded to CPU" if fsdp2.offload else "",
@@ -233,7 +233,7 @@ def prepare_stray_4bit(model: nn.Module, in_layers: set[nn.Module], place: Place
     for m in stray:
         place.draw(m)
         cast_frozen(m, place.param_dtype)
-        _prepare_4bit(m.to(place.device), place.manage_frozen)  # its statistics a parameter of its own
+        _prepare_4bit(m.to(place.device), place.manage_frozen)  # its 4-bit state a parameter of its own
     return stray
 
 
@@ -314,8 +314,8 @@ def _linears_4bit(module: nn.Module) -> list[bnb.nn.Linear4bit]:
 
 
 def _prepare_4bit(module: nn.Module, sharded: bool) -> None:
-    """Sharded by FSDP2: make the 4-bit weights and their statistics NF4Weights (the statistics one parameter of
-    `module`); left alone: keep bitsandbytes' portable CPU kernels."""
+    """Sharded by FSDP2: move the 4-bit weights and their statistics into one NF4Weight parameter of `module`; left
+    alone: keep bitsandbytes' portable CPU kernels."""
     if sharded:
         to_nf4_weights(module, _linears_4bit(module))  # keeps the portable kernels too
         return
@@ -333,18 +333,16 @@ def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
 
 
 def _check_4bit_shards(model: nn.Module) -> None:
-    """Every sharded 4-bit weight and statistics parameter must still be an NF4Weight: an FSDP2 op missing from
+    """Every sharded `packed_4bit` parameter must still be an NF4Weight: an FSDP2 op missing from
     nf4._BYTE_PRESERVING_OPS would silently make it plain data, which a mixed-precision cast then turns into garbage
     weights."""
     for name, module in model.named_modules():
-        held = [("weight", module.weight)] if isinstance(module, bnb.nn.Linear4bit) else []
-        held += [(STATISTICS, p) for p in [module._parameters.get(STATISTICS)] if p is not None]
-        for attr, p in held:
-            local = p.to_local() if hasattr(p, "to_local") else p
-            if not isinstance(local, NF4Weight):
-                raise RuntimeError(f"{name}.{attr} lost its NF4Weight wrapper during fully_shard "
-                                   f"(now {type(local).__name__}); an FSDP2 op is missing from "
-                                   "nf4._BYTE_PRESERVING_OPS")
+        if (p := module._parameters.get(PACKED_4BIT)) is None:
+            continue
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if not isinstance(local, NF4Weight):
+            raise RuntimeError(f"{name}.{PACKED_4BIT} lost its NF4Weight wrapper during fully_shard "
+                               f"(now {type(local).__name__}); an FSDP2 op is missing from nf4._BYTE_PRESERVING_OPS")
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -24,7 +24,7 @@ from qfsdp.distributed import (
     shutdown_and_exit,
 )
 from qfsdp.model import attach_lora, load_model, prepare_checkpoint
-from qfsdp.nf4 import STATISTICS, NF4Weight, packed_bytes
+from qfsdp.nf4 import PACKED_4BIT, NF4Weight, packed_bytes
 from qfsdp.shard import parallelize, quantized_bytes
 
 for name in ("tiny", "tiny_4layers"):
@@ -67,14 +67,12 @@ def compare_shards(replicate: int, offload: bool = False) -> dict:
         ref, sharded = build(storage), build(storage)
         parallelize(ref, None, d.device, UNSHARDED, param_dtype=torch.float32)
         total = quantized_bytes(ref)
-        total_packed = sum(packed_bytes(m.weight).numel() for m in ref.modules() if isinstance(m, bnb.nn.Linear4bit))
         mesh = data_parallel_mesh(d.device.type, d.world_size, replicate)
         parallelize(sharded, mesh, d.device, FSDP2Config(offload=offload), param_dtype=torch.float32)
-        statistics = [p for n, p in sharded.named_parameters() if n.endswith(STATISTICS)]
-        # no rank keeps a whole quant state beside its shards: the sharded weights get theirs when gathered
-        no_whole_quant_state = all(m.quant_state is None and getattr(m.weight, "quant_state", None) is None
+        packed = [p for n, p in sharded.named_parameters() if n.endswith(PACKED_4BIT)]
+        # no rank keeps a whole weight or quant state beside its shards: the layers get views of them when gathered
+        no_whole_quant_state = all(m.quant_state is None and m.weight is None
                                    for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit))
-        rank_statistics = sum(packed_bytes(p).numel() for p in statistics)
         ref_logits, ref_grads = loss_and_grads(ref)
         logits, grads = loss_and_grads(sharded)
 
@@ -86,7 +84,8 @@ def compare_shards(replicate: int, offload: bool = False) -> dict:
             layer.unshard()
         owners = {m: layer for layer in layers for m in layer.modules()}
         for m_ref, m in zip(ref_linears, [m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)]):
-            gathered = m.weight  # unsharded parameter, as compute sees it (after the forward above)
+            gathered = m.weight  # the gathered weight, as compute sees it (after the forward above)
+            bytes_equal &= (gathered.dtype, gathered.shape) == (m_ref.weight.dtype, m_ref.weight.shape)
             bytes_equal &= torch.equal(packed_bytes(gathered), packed_bytes(m_ref.weight))
             # compute used the quant state attached to the gathered weight
             qs, qs_ref = gathered.quant_state, m_ref.weight.quant_state
@@ -97,10 +96,10 @@ def compare_shards(replicate: int, offload: bool = False) -> dict:
             stats_equal &= qs.nested and all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(
                 a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)) for a, b in pairs)
             stats_equal &= (qs.shape, qs.blocksize, qs.dtype) == (qs_ref.shape, qs_ref.blocksize, qs_ref.dtype)
-            # ... read from the gathered statistics parameter itself, not from a copy
-            held = getattr(owners[m], STATISTICS).untyped_storage().data_ptr()
+            # ... read from the gathered parameter itself, not from a copy
+            held = getattr(owners[m], PACKED_4BIT).untyped_storage().data_ptr()
             stats_gathered &= all(t.untyped_storage().data_ptr() == held
-                                  for t in (qs.absmax, qs.offset, qs.state2.absmax))
+                                  for t in (gathered, qs.absmax, qs.offset, qs.state2.absmax))
         for layer in layers:
             layer.reshard()
         # Forward prefetch (shard.prefetch_next_unit): FSDP2 names each prefetch in the profiler's record
@@ -110,7 +109,6 @@ def compare_shards(replicate: int, offload: bool = False) -> dict:
         prefetched = sorted(e.name.rsplit(".", 1)[-1] for e in prof.events() if "FSDP::forward_prefetch" in e.name)
         for unit in [*layers, sharded]:  # what the no-grad forward left gathered (the last layer, the root)
             unit.reshard()
-        sharded_local = next(m for m in sharded.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
         head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
         out[storage] = {
             "head_rows": [head.to_local().shape[0], head.shape[0]] if isinstance(head, DTensor) else None,
@@ -125,12 +123,10 @@ def compare_shards(replicate: int, offload: bool = False) -> dict:
             "quant_state_kept": bool(qs_kept),
             "statistics_equal": bool(stats_equal),
             "statistics_are_gathered_views": bool(stats_gathered),
-            "rank_statistics_bytes": rank_statistics,
-            "total_statistics_bytes": total - total_packed,
-            "statistics_sharded": len(statistics) == len(layers)
-            and all(isinstance(p, DTensor) and isinstance(p.to_local(), NF4Weight) for p in statistics),
+            # one parameter per decoder layer holds all its 4-bit state, sharded
+            "packed_sharded": len(packed) == len(layers)
+            and all(isinstance(p, DTensor) and isinstance(p.to_local(), NF4Weight) for p in packed),
             "no_whole_quant_state_before_forward": no_whole_quant_state,
-            "sharded_local_is_nf4": isinstance(sharded_local.to_local(), NF4Weight),
             "rank_bytes": quantized_bytes(sharded),
             "total_bytes": total,
         }
@@ -216,7 +212,7 @@ for case, replicate_, offload in cases:
                 FSDP2Config(offload=offload), param_dtype=torch.float32)
     logits, grads = loss_and_grads(model)
     trained = {n for n, q in model.named_parameters() if q.requires_grad}
-    frozen_4bit = {n + ".weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    frozen_4bit = {n for n, _ in model.named_parameters() if n.endswith(PACKED_4BIT)}
     kinds = offload_kinds(model)
     placement[case] = {
         "logits_equal": torch.equal(logits, ref_logits),

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from qfsdp.config import FSDP2Config, LoraConfig, ModelConfig, QuantConfig
 from qfsdp.distributed import data_parallel_mesh, init_distributed
 from qfsdp.model import attach_lora, load_model, prepare_checkpoint, random_weights
-from qfsdp.nf4 import STATISTICS, packed_bytes
+from qfsdp.nf4 import PACKED_4BIT, packed_bytes
 from qfsdp.shard import parallelize, quantized_bytes
 from rank_results import write_and_exit  # beside this script
 
@@ -73,7 +73,7 @@ if mode == "digests":
     for module_name, m in model.named_modules():
         for name, p in m.named_parameters(recurse=False):
             # embeddings, norms, head (the 4-bit statistics are in the quant state digests above)
-            if not p.requires_grad and not isinstance(m, bnb.nn.Linear4bit) and name != STATISTICS:
+            if not p.requires_grad and not isinstance(m, bnb.nn.Linear4bit) and name != PACKED_4BIT:
                 digests[f"{module_name}.{name}"] = digest(p)
     result = {"digests": digests, "loss": float(loss), "pending_before": pending,
               "pending_after": len(random_weights(model).pending), "rank_bytes": rank_bytes,
