@@ -288,15 +288,19 @@ def attach_quant_states(unit: nn.Module, owner: nn.Module) -> None:
     gathers them: views of `owner`'s gathered `packed_4bit`.
 
     FSDP2 keeps the gathered parameter for the whole run and gathers into the same storage, so this sets each
-    attribute once (again only if FSDP2 ever made a new gathered parameter). The views are the very objects
-    bitsandbytes' `Linear4bit.forward` reads, so it never rebuilds a `Params4bit` (its fallback for sharded weights),
-    and a compiled layer sees the same weight on every call (with a new one on its first call, 1- and 2-process
-    compiled runs stopped matching). The hook is kept out of torch.compile; on the unit, not on each linear, it costs
-    one graph break before the unit's body rather than one per linear.
+    attribute once (again only if FSDP2 ever made a new gathered parameter). The views are what bitsandbytes'
+    `Linear4bit.forward` reads, so it never rebuilds a `Params4bit` (its fallback for sharded weights), and a compiled
+    layer sees the same weight on every call (with a new one on its first call, 1- and 2-process compiled runs
+    stopped matching). The hook is kept out of torch.compile; on the unit, not on each linear, it costs one graph
+    break before the unit's body rather than one per linear.
+
+    Between gathers FSDP2 frees that storage, and bitsandbytes' `Linear4bit` state dict would read its quant state's
+    offset there: each layer's views are hidden while a state dict is taken (state-dict pre- and post-hooks). The
+    layer's 4-bit state in a state dict is `owner`'s `packed_4bit`, its shards.
     """
     layout = getattr(owner, PACKED_4BIT).to_local().quant_layout  # constant metadata of the sharded parameter
     linears = [(owner.get_submodule(name), where) for name, where in layout]
-    viewed = [None]  # the gathered parameter the linears' weights view
+    viewed, views = [None], {}  # the gathered parameter, and each linear's view of it
 
     @torch.compiler.disable
     def hook(module, args):
@@ -304,11 +308,23 @@ def attach_quant_states(unit: nn.Module, owner: nn.Module) -> None:
         if gathered is viewed[0]:
             return
         for m, where in linears:
-            m.weight = where.weight(gathered)
-            m.quant_state = m.weight.quant_state
+            views[m] = where.weight(gathered)
+            _show(m, views[m])
         viewed[0] = gathered
 
+    def restore(module, state_dict, prefix, local_metadata):
+        _show(module, views.get(module))
+
+    for m, _ in linears:
+        m.register_state_dict_pre_hook(lambda module, prefix, keep_vars: _show(module, None))
+        m.register_state_dict_post_hook(restore)
     unit.register_forward_pre_hook(hook)
+
+
+def _show(module: nn.Module, weight: torch.Tensor | None) -> None:
+    """Set a 4-bit layer's weight to a view of gathered bytes (None: none) and its quant state to the view's."""
+    module.weight = weight  # a plain attribute: to_nf4_weights removed the parameter
+    module.quant_state = getattr(weight, "quant_state", None)
 
 
 def packed_bytes(weight: torch.Tensor) -> torch.Tensor:

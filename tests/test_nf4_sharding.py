@@ -27,6 +27,7 @@ def _gathered_as_unsharded(r: dict) -> None:
     assert r["statistics_equal"] and r["statistics_are_gathered_views"], r
     assert r["quant_state_kept"] and r["packed_sharded"]
     assert r["no_whole_quant_state_before_forward"], "a rank keeps a whole quant state beside its shards"
+    assert r["state_dict_between_gathers"], "a state dict between gathers read freed 4-bit views or left them"
 
 
 def _holds_its_share(results: list[dict], storage: str, shard_size: int) -> None:

@@ -109,6 +109,16 @@ def compare_shards(replicate: int, offload: bool = False) -> dict:
         prefetched = sorted(e.name.rsplit(".", 1)[-1] for e in prof.events() if "FSDP::forward_prefetch" in e.name)
         for unit in [*layers, sharded]:  # what the no-grad forward left gathered (the last layer, the root)
             unit.reshard()
+        # A state dict between gathers (as a checkpoint takes one) holds each layer's packed_4bit shard and no
+        # 4-bit layer's weight or quant state (their storage is freed); the views are back after it (a recomputing
+        # backward reads them without a forward hook), and the next forward computes as before.
+        linears = {n: m for n, m in sharded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        views = {n: m.weight for n, m in linears.items()}
+        state = sharded.state_dict()
+        state_dict_clean = (sum(k.endswith(PACKED_4BIT) for k in state) == len(layers)
+                            and not any(k.startswith(f"{n}.weight") for k in state for n in linears)
+                            and all(m.weight is views[n] is not None for n, m in linears.items()))
+        logits_after_state_dict, _ = loss_and_grads(sharded)
         head = sharded.get_output_embeddings().weight  # frozen: its own unit, gathered by whoever reads it
         out[storage] = {
             "head_rows": [head.to_local().shape[0], head.shape[0]] if isinstance(head, DTensor) else None,
@@ -116,6 +126,7 @@ def compare_shards(replicate: int, offload: bool = False) -> dict:
             "logits_equal": torch.equal(logits, ref_logits),
             "grads_equal": all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
             "n_grads": len(ref_grads),
+            "state_dict_between_gathers": state_dict_clean and torch.equal(logits_after_state_dict, ref_logits),
             # norm weights stay whole on every rank, outside FSDP2 (shard._frozen_vectors)
             "layer_vectors_whole": [(n, isinstance(q, DTensor)) for n, q in layers.named_parameters()
                                     if not q.requires_grad and q.dim() <= 1],
