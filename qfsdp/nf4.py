@@ -3,17 +3,17 @@
 `fully_shard` turns a bitsandbytes `Params4bit` into a plain DTensor: the packed bytes are sharded, but the
 `quant_state` (absmax, code table, original shape) is dropped from the parameter, and bitsandbytes only keeps
 working because `Linear4bit.forward` re-attaches the module's copy, whole on every rank. Here the 4-bit state of a
-module holding 4-bit layers (a decoder layer) is one parameter FSDP2 shards, `packed_4bit`: the packed bytes of each
-of its 4-bit weights, each followed by that weight's statistics (absmax, and with double quantization the nested
-absmax and offset). Each rank holds 1/world_size of it; only the code tables and sizes (`_Layout`, a few hundred
-bytes per weight) stay whole on every rank, as constant metadata. One parameter per layer rather than one per
-weight: FSDP2's host work per gather grows with the number of parameters it gathers (docs/design.md).
+module holding 4-bit layers (a decoder layer) is one parameter FSDP2 shards, `packed_4bit`: the packed bytes of its
+4-bit weights, then their statistics (absmax, and with double quantization the nested absmax and offset). Each
+rank holds 1/world_size of it; only the code tables and sizes (`_Layout`, a few hundred bytes per weight) stay
+whole on every rank, as constant metadata. One parameter per layer rather than one per weight: FSDP2's host work
+per gather grows with the number of parameters it gathers (docs/design.md).
 
 It is an `NF4Weight`, a small tensor subclass implementing FSDP2's all-gather extension points:
 
 - `fsdp_pre_all_gather` hands FSDP2 this rank's slice of the bytes as integers of the storage's width (byte-exact
   whatever the storage dtype: FSDP2 never casts them, and NaN bit patterns in float storage cannot be touched);
-- `fsdp_post_all_gather` hands the gathered bytes to compute as a plain tensor; `attach_quant_states` gives each
+- `fsdp_post_all_gather` hands the gathered bytes to compute as a plain tensor; `attach_4bit_views` gives each
   4-bit layer, once, a weight that is a view of its bytes in the gathered tensor, of the dtype and shape bitsandbytes
   gave it, with a quant state whose statistics are views too. FSDP2 gathers into the same storage for the whole run,
   so compute always sees exactly the unsharded weight's bytes and statistics, and bitsandbytes' kernels run on them
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
 
 import bitsandbytes as bnb
 import torch
@@ -144,7 +143,7 @@ class NF4Weight(torch.Tensor):
             # FSDP2 re-gathers into the same buffer `out` already views; nothing to rebuild.
             return
         # Compute gets the gathered bytes as a plain tensor: every op on a tensor subclass goes through Python
-        # dispatch. `attach_quant_states` gives the 4-bit layers their views of it on first use.
+        # dispatch. `attach_4bit_views` gives the 4-bit layers their views of it on first use.
         return gathered.view(storage_dtype), (gathered,)
 
 
@@ -245,7 +244,7 @@ class _Layout:
 def to_nf4_weights(owner: nn.Module, linears: list[bnb.nn.Linear4bit]) -> None:
     """Move the packed bytes and statistics of quantized `linears` (submodules of `owner`) into one frozen parameter
     of `owner`, `packed_4bit`, an `NF4Weight`, in place. FSDP2 shards it in `owner`'s unit; the linears keep no weight
-    and no quant state until the first all-gather (attach_quant_states)."""
+    and no quant state until the first all-gather (attach_4bit_views)."""
     if not linears or hasattr(owner, PACKED_4BIT):
         return
     for m in linears:
@@ -282,7 +281,7 @@ def keep_portable_cpu_kernels(module: bnb.nn.Linear4bit) -> None:
     module.support_avx512bf16_for_cpu = False
 
 
-def attach_quant_states(unit: nn.Module, owner: nn.Module) -> None:
+def attach_4bit_views(unit: nn.Module, owner: nn.Module) -> None:
     """Give the 4-bit layers of `owner` (managed by the FSDP2 unit `unit`, `owner` already prepared by
     `to_nf4_weights`) their weights and quant states, in a forward pre-hook of `unit` that runs right after FSDP2
     gathers them: views of `owner`'s gathered `packed_4bit`.
@@ -343,14 +342,8 @@ def held_bytes(module: nn.Module) -> int:
     held = 0
     if isinstance(module, bnb.nn.Linear4bit) and (weight := module._parameters.get("weight")) is not None:
         qs = getattr(weight, "quant_state", None)
-        qs = qs if qs is not None else module.quant_state
+        qs = qs if qs is not None else getattr(module, "quant_state", None)
         held += _Layout(weight.data, qs).nbytes
     if (packed := module._parameters.get(PACKED_4BIT)) is not None:
         held += packed_bytes(packed).numel()
     return held
-
-
-def dequantize(weight: torch.Tensor, quant_state: Any = None) -> torch.Tensor:
-    """Dequantize a full (unsharded) packed weight; used by tests and adapter merging."""
-    qs = quant_state or weight.quant_state
-    return bnb.functional.dequantize_4bit(weight.view(-1, 1).contiguous(), qs)

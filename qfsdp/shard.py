@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qfsdp.config import FSDP2Config
 from qfsdp.model import base_model, decoder_layers, random_weights
-from qfsdp.nf4 import (PACKED_4BIT, NF4Weight, attach_quant_states, held_bytes, keep_portable_cpu_kernels,
+from qfsdp.nf4 import (PACKED_4BIT, NF4Weight, attach_4bit_views, held_bytes, keep_portable_cpu_kernels,
                         to_nf4_weights)
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, device: torch.device,
     stray = prepare_stray_4bit(model, in_layers, place)
     shard_root(model, in_layers, place, ignored)
     for m in stray if place.manage_frozen else []:
-        attach_quant_states(model, m)
+        attach_4bit_views(model, m)
     if place.manage_frozen:
         _check_4bit_shards(model)
     _check_all_drawn(model)
@@ -187,7 +187,7 @@ def shard_decoder_layers(layers: list[nn.Module], place: Placement, fsdp2: FSDP2
         if place.manage_frozen:
             for layer in unit:
                 if hasattr(layer, PACKED_4BIT):
-                    attach_quant_states(layer, layer)
+                    attach_4bit_views(layer, layer)
     logger.info("fully_shard: %d decoder layers in %d units%s%s%s", len(layers), len(units),
                 ", frozen weights offloaded to CPU" if fsdp2.offload else "",
                 "" if place.manage_frozen else ", frozen weights outside FSDP2 (one process per shard group)",

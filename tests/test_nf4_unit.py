@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from qfsdp.nf4 import NF4Weight, dequantize, held_bytes, packed_bytes, to_nf4_weights
+from qfsdp.nf4 import NF4Weight, held_bytes, packed_bytes, to_nf4_weights
 
 
 def _linear4bit(out_features=32, in_features=64, seed=0):
@@ -35,7 +35,7 @@ def test_a_modules_4bit_state_is_one_float_parameter_for_fsdp2():
     assert held_bytes(owner) == held == sum(p.numel() for p in packed) + (32 + 4 + 4) + (24 + 4 + 4)
     assert [name for name, _ in data.quant_layout] == ["0", "1"]
     for lin, (_, where), qs, before, deq in zip(owner, data.quant_layout, states, packed, dequantized):
-        lin.weight = where.weight(data.packed)  # as attach_quant_states does once gathered
+        lin.weight = where.weight(data.packed)  # as attach_4bit_views does once gathered
         lin.quant_state = lin.weight.quant_state
         assert where.segments[0][0] % 128 == 0 and all(at % 4 == 0 for at, _, _ in where.segments)
         assert lin.weight.dtype == torch.uint8 and lin.weight.shape == (before.numel(), 1)
@@ -46,7 +46,7 @@ def test_a_modules_4bit_state_is_one_float_parameter_for_fsdp2():
         for a, b in [(lin.weight.quant_state.absmax, qs.absmax), (lin.weight.quant_state.offset, qs.offset),
                      (lin.weight.quant_state.state2.absmax, qs.state2.absmax)]:
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-        assert torch.equal(dequantize(lin.weight), deq)
+        assert torch.equal(bnb.functional.dequantize_4bit(lin.weight, lin.weight.quant_state), deq)
     assert torch.equal(owner(x), y_before)
 
 
