@@ -175,6 +175,25 @@ def check_activation_offloading(cfg: DictConfig, gpus: int) -> None:
                       f"are then offloaded) or compile=false")
 
 
+# ---- attention ----
+
+# Attention implementations that train only on a GPU, and why.
+GPU_ONLY_ATTENTION = {
+    "flash_attention_2": "runs flash-attn's CUDA kernels",
+    "flash_attention_3": "runs flash-attn 3's CUDA kernels",
+    "flex_attention": "has no CPU kernel for its backward (FlexAttention)",
+}
+
+
+def check_attention(cfg: DictConfig, gpus: int) -> None:
+    """model.attn_implementation: one that trains only on a GPU is refused without one, before loading (on CPU,
+    FlexAttention fails at the first backward)."""
+    why = GPU_ONLY_ATTENTION.get(cfg.model.attn_implementation)
+    if why is not None and gpus == 0:
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} {why} and no GPU is visible; "
+                          f"use model.attn_implementation=sdpa on CPU")
+
+
 # ---- fused kernels ----
 
 def check_kernels(cfg: DictConfig, gpus: int) -> None:

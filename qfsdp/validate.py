@@ -71,6 +71,7 @@ def validate(cfg: DictConfig, machine: Machine, torchrun_world_size: int | None 
     world_size = resolve_world_size(cfg, machine, torchrun_world_size, slurm)
     _check_settings(cfg)
     _check_kernels(cfg, machine)
+    _check_attention(cfg, machine)
     _check_activation_offloading(cfg, machine)
     _check_precision(cfg, machine)
     _check_parallelism(cfg, world_size)
@@ -101,6 +102,12 @@ def _check_kernels(cfg: DictConfig, machine: Machine) -> None:
     from qfsdp.settings import check_kernels
 
     check_kernels(cfg, machine.gpus)
+
+
+def _check_attention(cfg: DictConfig, machine: Machine) -> None:
+    from qfsdp.settings import check_attention
+
+    check_attention(cfg, machine.gpus)
 
 
 def _check_activation_offloading(cfg: DictConfig, machine: Machine) -> None:

@@ -89,7 +89,8 @@ def test_training_imports_nothing_from_the_bench():
 NEW_ROWS = ["qfsdp-1-lognormal", "qfsdp-1-pack", "stock-1-lognormal", "stock-1-noac", "qfsdp-1-noac-compile",
             "qfsdp-1-liger", "qfsdp-1-liger-compile", "qfsdp-1-liger-det", "qfsdp-1-liger-compile-det",
             "qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16", "qfsdp-1-compile-auto", "qfsdp-1-compile-auto24",
-            "qfsdp-1-compile-auto-det", "kaggle-1-ckptall", "qfsdp-1-compile-offact", "qfsdp-1-offact-det"]
+            "qfsdp-1-compile-auto-det", "kaggle-1-ckptall", "qfsdp-1-compile-offact", "qfsdp-1-offact-det",
+            "qfsdp-1-pack-flex"]
 
 
 def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
@@ -111,6 +112,9 @@ def test_new_rows_compose_and_pass_the_launchers_checks(monkeypatch):
     assert cfgs["qfsdp-1-lognormal"].dataset == cfgs["qfsdp-1-pack"].dataset == cfgs["stock-1-lognormal"].dataset
     assert cfgs["qfsdp-1-pack"].trainer.packing and not cfgs["qfsdp-1-lognormal"].trainer.packing
     assert cfgs["qfsdp-1-pack"].dataset.lengths.value == "lognormal"
+    flex, packed = cfgs["qfsdp-1-pack-flex"], cfgs["qfsdp-1-pack"]  # the packed row, its attention alone changed
+    assert flex.dataset == packed.dataset and flex.trainer.packing
+    assert (flex.model.attn_implementation, packed.model.attn_implementation) == ("flex_attention", "sdpa")
     assert [cfgs[n].kernels.value for n in NEW_ROWS if "liger" in n] == ["liger"] * 4
     assert cfgs["qfsdp-1-liger-compile-det"].compile and cfgs["qfsdp-1-liger-compile-det"].deterministic
     assert [cfgs[n].fsdp2.checkpointed_layers for n in ("qfsdp-1-compile-ckpt24", "qfsdp-1-compile-ckpt16")] == [24, 16]
@@ -174,6 +178,12 @@ def test_packing_check():
     assert _checks(unpacked, _result("qfsdp-1-pack", 5600))[name][0] is False
     ok, detail = _checks(unpacked)[name]
     assert ok is None and "qfsdp-1-pack" in detail
+    # FlexAttention beside sdpa on the same packed rows: reported, no target
+    flex = "packing with FlexAttention: qfsdp-1-pack-flex vs qfsdp-1-pack (sdpa)"
+    ok, detail = _checks(_result("qfsdp-1-pack", 6400, losses=(12.0, 11.5, 11.0)),
+                         _result("qfsdp-1-pack-flex", 8000, losses=(12.0, 11.5004, 11.0)))[flex]
+    assert ok is None and "8000 vs 6400 real tokens/s (1.25x)" in detail and "4.00e-04 over 3 steps" in detail
+    assert flex not in _checks(_result("qfsdp-1-pack", 6400))
 
 
 def test_target_1_same_memory():

@@ -35,6 +35,9 @@ BAD_SETTINGS: list[tuple[str, tuple[str, ...], str]] = [
     ("model.path=", (), "model.path is empty"),
     ("model.dropout=1.5", ("model=tiny_opt",), "model.dropout=1.5 must be in [0, 1)"),
     ("model.attn_implementation=fast", (), "model.attn_implementation=fast is not one of"),
+    ("model.attn_implementation=flex_attention", (),
+     "has no CPU kernel for its backward (FlexAttention) and no GPU is visible; use model.attn_implementation=sdpa"),
+    ("model.attn_implementation=flash_attention_2", (), "runs flash-attn's CUDA kernels and no GPU is visible"),
     ("model.architecture=gpt5", (), "model.architecture=gpt5 is not one of"),
     ("model.tokenizer=/no/such/tokenizer", (), "model.tokenizer=/no/such/tokenizer does not exist"),
     # quant

@@ -89,6 +89,10 @@ ROWS = {
     "qfsdp-1-liger-compile": Row("qfsdp", 1, (*LIGER, "compile=true")),
     "qfsdp-1-lognormal": Row("qfsdp", 1, LOGNORMAL),
     "qfsdp-1-pack": Row("qfsdp", 1, (*LOGNORMAL, "trainer.packing=true")),
+    # Packing with FlexAttention: transformers masks a packed row by its position ids, which sdpa gets as a dense
+    # mask over the whole row and FlexAttention as a block mask whose empty blocks it skips (GPU only).
+    "qfsdp-1-pack-flex": Row("qfsdp", 1, (*LOGNORMAL, "trainer.packing=true",
+                                          "model.attn_implementation=flex_attention")),
     "qfsdp-1-det": Row("qfsdp", 1, DET),
     "qfsdp-2-det": Row("qfsdp", 2, DET),
     "qfsdp-4-det": Row("qfsdp", 4, DET),

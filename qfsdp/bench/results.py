@@ -175,6 +175,11 @@ def checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                         f"{b['tokens_per_second']:.0f} vs 1.5 x {a['tokens_per_second']:.0f} real tokens/s "
                         f"({b['tokens_per_second'] / a['tokens_per_second']:.2f}x); padding {_padding(b)} vs "
                         f"{_padding(a)} of the tokens run"))
+    if "qfsdp-1-pack" in r and "qfsdp-1-pack-flex" in r:
+        a, b = r["qfsdp-1-pack"], r["qfsdp-1-pack-flex"]
+        out.append(("packing with FlexAttention: qfsdp-1-pack-flex vs qfsdp-1-pack (sdpa)", None,
+                    f"{b['tokens_per_second']:.0f} vs {a['tokens_per_second']:.0f} real tokens/s "
+                    f"({b['tokens_per_second'] / a['tokens_per_second']:.2f}x), {dloss_detail(a, b)}"))
     for qfsdp_row in ("qfsdp-1-lognormal", "qfsdp-1-pack"):
         if qfsdp_row in r and "stock-1-lognormal" in r:
             a, b = r["stock-1-lognormal"], r[qfsdp_row]
