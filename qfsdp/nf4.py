@@ -251,7 +251,7 @@ def to_nf4_weights(owner: nn.Module, linears: list[bnb.nn.Linear4bit]) -> None:
         if getattr(m.weight, "quant_state", None) is None:
             raise ValueError(f"{m} holds no quantized weight (no quant_state); quantize before sharding")
     names = {m: name for name, m in owner.named_modules()}
-    weights = sum(_Layout(m.weight.data, m.weight.quant_state).weight_nbytes for m in linears)
+    weights = sum(_aligned(m.weight.data.nbytes, ALIGN) for m in linears)  # the statistics start after them
     layout, weight_at, statistics_at = [], 0, weights
     for m in linears:
         layout.append((names[m], _Layout(m.weight.data, m.weight.quant_state, weight_at, statistics_at)))
